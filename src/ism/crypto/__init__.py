@@ -1,0 +1,1 @@
+"""Keys, COSE and SUIT authentication: the sole user of ``cryptography``."""

@@ -1,0 +1,1 @@
+"""Pure formats: bytes <-> frozen objects. No I/O, no crypto, no clock."""
