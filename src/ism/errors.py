@@ -128,10 +128,7 @@ class IsmError(Exception):
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, bytes | bytearray):
-        text = bytes(value).hex()
-    else:
-        text = str(value)
+    text = bytes(value).hex() if isinstance(value, bytes | bytearray) else str(value)
     return text if len(text) <= 160 else text[:157] + "..."
 
 

@@ -145,13 +145,20 @@ def parse(data: bytes | Any, expect: Kind | None = None) -> CoseMessage:
     known = _SIGN_ALGS if kind == "sign1" else _MAC_ALGS
     if alg not in known:
         raise FormatError("cose.alg-unsupported", f"unsupported {kind} algorithm", got=alg)
+    if HDR_CRIT in unprotected:
+        raise FormatError("cose.crit", "crit must be in the protected header")
     crit = protected.get(HDR_CRIT)
     if crit is not None:
         if not isinstance(crit, list) or not crit:
             raise FormatError("cose.crit", "crit must be a non-empty array")
+        if not all(isinstance(c, int | str) and not isinstance(c, bool) for c in crit):
+            raise FormatError("cose.crit", "crit labels must be integers or text strings")
         unknown = [c for c in crit if c not in _UNDERSTOOD_LABELS]
         if unknown:
             raise FormatError("cose.crit", "critical header not understood", got=unknown)
+        absent = [c for c in crit if c not in protected]
+        if absent:
+            raise FormatError("cose.crit", "crit names a label that is not in the protected header", got=absent)
     return CoseMessage(kind, protected_bytes, protected, unprotected, payload, tag, alg, tagged)
 
 
@@ -168,9 +175,7 @@ def _tbs(context: str, protected: bytes, aad: bytes, payload: bytes) -> bytes:
     return cbor.dumps([context, protected, aad, payload])
 
 
-def verify_sign1(
-    msg: CoseMessage, key: PublicKey, *, detached_payload: bytes | None = None, aad: bytes = b""
-) -> None:
+def verify_sign1(msg: CoseMessage, key: PublicKey, *, detached_payload: bytes | None = None, aad: bytes = b"") -> None:
     """Verifies a COSE_Sign1 under ``key``. Returns None or raises.
 
     Raises:

@@ -82,9 +82,7 @@ def write_keypair(key: PrivateKey, out: Path) -> Path:
     Raises:
         UsageError: ``keys.exists`` if ``out`` already exists (never overwritten).
     """
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     try:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -74,7 +74,7 @@ def _fail(rule: str, message: str, offset: int) -> FormatError:
 
 
 class _Decoder:
-    __slots__ = ("data", "pos", "limits", "items")
+    __slots__ = ("data", "items", "limits", "pos")
 
     def __init__(self, data: bytes, limits: Limits) -> None:
         self.data = data
@@ -161,7 +161,7 @@ class _Decoder:
 
     def _string_chunks(self, major: int, start: int) -> bytes:
         self._indefinite_allowed(start)
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             if self.pos >= len(self.data):
                 raise _fail("truncated", "unterminated indefinite string", start)
@@ -174,7 +174,13 @@ class _Decoder:
                 raise _fail("bad-chunk", "indefinite string chunk of wrong type", self.pos - 1)
             n = self._argument(b & 0x1F, self.pos - 1)
             assert n is not None
-            chunks.append(self._take(n))
+            chunk = self._take(n)
+            if major == 3:
+                try:
+                    chunk.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _fail("utf8", "text chunk is not valid UTF-8", self.pos - n) from None
+            chunks.append(chunk)
 
     def _array(self, n: int | None, depth: int, start: int) -> list[Any]:
         out: list[Any] = []
@@ -250,12 +256,18 @@ class _Decoder:
 
 
 def _hashable(key: Any, offset: int) -> Any:
+    """Map keys: int, text, bytes, arrays of those (as tuples) and tags.
+
+    Booleans, floats, null and undefined are refused: in Python ``True == 1 ==
+    1.0``, so accepting them would let ``true`` pose as label 1, and NaN keys
+    would escape the duplicate check.
+    """
     if isinstance(key, list):
         return tuple(_hashable(k, offset) for k in key)
-    if isinstance(key, dict):
-        raise _fail("map-key", "a map may not be a map key", offset)
     if isinstance(key, Tag):
         return Tag(key.number, _hashable(key.value, offset))
+    if isinstance(key, bool) or not isinstance(key, int | str | bytes):
+        raise _fail("map-key", f"map key of type {type(key).__name__} not allowed", offset)
     return key
 
 

@@ -337,7 +337,7 @@ def parse_manifest(manifest_bytes: bytes) -> Manifest:
     if raw.get(M_VERSION) != 1 or isinstance(raw.get(M_VERSION), bool):
         raise FormatError("suit.manifest-version", "manifest version must be 1", got=raw.get(M_VERSION))
     seq = raw.get(M_SEQUENCE)
-    if not _is_uint(seq) or seq >= 1 << 64:
+    if not isinstance(seq, int) or not _is_uint(seq) or seq >= 1 << 64:
         raise FormatError("suit.sequence-number", "sequence number must be a uint", got=seq)
     if M_COMMON not in raw:
         raise FormatError("suit.common", "manifest has no common section")

@@ -1,0 +1,16 @@
+;; blinky: toggles the LED on every timer tick. It asks for gpio.led0 (write)
+;; and the timer; the access policy decides whether it gets them.
+(module
+  (import "ism" "resource_open" (func $open (param i32 i32 i32) (result i32)))
+  (import "ism" "resource_write" (func $write (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "gpio.led0")
+  (global $led (mut i32) (i32.const -1))
+  (global $state (mut i32) (i32.const 0))
+  (func (export "init") (result i32)
+    (global.set $led (call $open (i32.const 0) (i32.const 9) (i32.const 2)))
+    (select (i32.const 0) (global.get $led) (i32.ge_s (global.get $led) (i32.const 0))))
+  (func (export "tick") (result i32)
+    (global.set $state (i32.xor (global.get $state) (i32.const 1)))
+    (i32.store8 (i32.const 64) (global.get $state))
+    (call $write (global.get $led) (i32.const 64) (i32.const 1))))

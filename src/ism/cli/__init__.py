@@ -1,0 +1,1 @@
+"""The ``ism`` command: parses arguments, calls the library, prints."""

@@ -1,0 +1,372 @@
+"""``ism``: one command with subcommands. Thin: parse, call the library, print.
+
+Every failure exits non-zero with one line ``error: [CODE rule] message`` on
+stderr (exit 1 for refusals and malformed input, 2 for usage errors); with
+``--verbose`` the traceback follows. ``--json`` prints a machine-readable
+result on stdout, including for refusals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ism.crypto import cose
+from ism.crypto import suit as suit_auth
+from ism.crypto.keys import PublicKey, generate, load_private, load_public, signer_id, write_keypair
+from ism.device.trust.boot import check_package
+from ism.device.virtual import Device
+from ism.errors import IsmError, UsageError
+from ism.formats import package, suit, wasm
+from ism.formats.abi import HOST_ABI
+from ism.formats.downgrade import Downgrade
+
+__all__ = ["main"]
+
+MAX_INPUT = 64 * 1024 * 1024
+
+
+def _read(path: Path, what: str = "file") -> bytes:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_INPUT + 1)
+    except OSError as exc:
+        raise UsageError("cli.read", f"cannot read {what}: {exc.strerror}", subject=str(path)) from exc
+    if len(data) > MAX_INPUT:
+        raise UsageError("cli.too-large", f"{what} is larger than {MAX_INPUT} bytes", subject=str(path))
+    return data
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise UsageError("cli.write", f"cannot write: {exc.strerror}", subject=str(path)) from exc
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, indent=2, sort_keys=False))
+    else:
+        print(text)
+
+
+def _fail_json(args: argparse.Namespace, exc: IsmError, extra: dict[str, Any] | None = None) -> NoReturn:
+    """For commands whose JSON reports a verdict: print it, then fail."""
+    if getattr(args, "json", False):
+        obj = {"valid": False, **(extra or {}), **exc.to_dict()}
+        print(json.dumps(obj, indent=2))
+    raise exc
+
+
+# -- keygen ---------------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    key = generate(args.alg)
+    pub = write_keypair(key, args.out)
+    sid = signer_id(key).hex()
+    _emit(
+        args,
+        {"private": str(args.out), "public": str(pub), "alg": args.alg, "signer_id": sid},
+        f"wrote {args.out} (0600) and {pub}\nsigner id {sid}",
+    )
+
+
+# -- package --------------------------------------------------------------------------------------
+
+
+def cmd_package_build(args: argparse.Namespace) -> None:
+    meta = package.parse_meta(_read(args.meta, "metadata").decode("utf-8", "replace"), str(args.meta))
+    payload = _read(args.wasm, "wasm module")
+    wasm.check_imports(wasm.parse_module(payload), HOST_ABI)
+    key = load_private(args.key)
+    manifest_bytes, members, integrated = package.build_unsigned(meta, payload)
+    envelope = suit.encode_envelope(suit_auth.sign_manifest(manifest_bytes, key), manifest_bytes, members, integrated)
+    _write(args.out, envelope)
+    pkg = package.read_package(suit.parse_envelope(envelope))
+    _emit(
+        args,
+        {"out": str(args.out), "size": len(envelope), **pkg.summary(), "signer": signer_id(key).hex()},
+        f"built {args.out}: {meta.name} {meta.version} (sequence {meta.sequence}, {len(envelope)} bytes)",
+    )
+
+
+def _inspect(env: suit.Envelope) -> dict[str, Any]:
+    man = env.manifest
+    out: dict[str, Any] = {
+        "tagged": env.tagged,
+        "manifest_digest": {"alg": env.digest.alg_name, "value": env.digest.value.hex()},
+        "auth_blocks": [],
+        "sequence": man.sequence,
+        "components": [[p.hex() for p in c] for c in man.components],
+        "shared": [_cmd(c) for c in man.shared],
+        "sequences": {str(k): [_cmd(c) for c in v] for k, v in sorted(man.sequences.items())},
+        "severable": {
+            str(k): ("digest" if isinstance(v, suit.Digest) else "inline") for k, v in sorted(man.severable.items())
+        },
+        "integrated": {k: len(v) for k, v in env.integrated.items()},
+    }
+    for block in env.auth_blocks:
+        msg = cose.parse(block)
+        out["auth_blocks"].append({"kind": msg.kind, "alg": msg.alg_name, "kid": msg.kid.hex() if msg.kid else None})
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, suit.Command):
+        return _cmd(value)
+    return value if isinstance(value, int | str | float | bool | type(None)) else repr(value)
+
+
+def _cmd(c: suit.Command) -> dict[str, Any]:
+    return {"command": c.name, "arg": _jsonable(c.arg)}
+
+
+def cmd_package_inspect(args: argparse.Namespace) -> None:
+    env = suit.parse_envelope(_read(args.package, "package"))
+    pkg = package.read_package(env)
+    info = {**pkg.summary(), "envelope": _inspect(env)}
+    lines = [f"{k:14} {v}" for k, v in pkg.summary().items()]
+    lines.append(
+        f"{'signature':14} " + ", ".join(f"{b['alg']} kid={b['kid']}" for b in info["envelope"]["auth_blocks"])
+    )
+    _emit(args, info, "\n".join(lines))
+
+
+def _anchors(paths: Sequence[Path]) -> list[PublicKey]:
+    return [load_public(p) for p in paths]
+
+
+def cmd_package_verify(args: argparse.Namespace) -> None:
+    data = _read(args.package, "package")
+    try:
+        acc = check_package(data, _anchors(args.trust), {}, b"")
+    except IsmError as exc:
+        _fail_json(args, exc, {"package": str(args.package)})
+    summary = {"valid": True, "package": str(args.package), **acc.package.summary(), "signer": acc.signer.hex()}
+    _emit(
+        args,
+        summary,
+        f"OK {acc.package.meta.name} {acc.package.meta.version}: digest, signature and "
+        f"conditions verify (signer {acc.signer.hex()[:16]}...)",
+    )
+
+
+def cmd_package_downgrade(args: argparse.Namespace) -> None:
+    try:
+        instance = bytes.fromhex(args.instance)
+        ms = uuidlib.UUID(args.uuid)
+    except ValueError as exc:
+        raise UsageError("cli.argument", f"bad --instance or --uuid: {exc}") from None
+    auth = Downgrade(ms, args.sequence, args.from_counter, instance)
+    key = load_private(args.key)
+    _write(args.out, cose.sign1(auth.encode(), key, kid=signer_id(key)))
+    _emit(
+        args,
+        {"out": str(args.out), "uuid": str(ms), "sequence": args.sequence, "from": args.from_counter},
+        f"wrote {args.out}: {ms} may go from counter {args.from_counter} down to {args.sequence}",
+    )
+
+
+# -- suit -----------------------------------------------------------------------------------------
+
+
+def cmd_suit_verify(args: argparse.Namespace) -> None:
+    data = _read(args.file, "envelope")
+    result: dict[str, Any] = {"valid": False, "file": str(args.file), "sequence": None, "components": None}
+    try:
+        env = suit.parse_envelope(data)
+        result["sequence"] = env.manifest.sequence
+        result["components"] = [[p.hex() for p in c] for c in env.manifest.components]
+        keys = [load_public(args.key)] if args.key else []
+        hmac_key = _read(args.hmac_key, "HMAC key") if args.hmac_key else None
+        auth = suit_auth.authenticate(env, keys, hmac_key)
+        result["severed"] = suit.check_severed(env)
+    except IsmError as exc:
+        if args.json:
+            print(json.dumps({**result, **exc.to_dict()}, indent=2))
+        raise
+    result.update(
+        valid=True,
+        auth={"kind": auth.kind, "alg": auth.alg, "signer": auth.signer_id.hex() if auth.signer_id else None},
+    )
+    _emit(
+        args,
+        result,
+        f"OK sequence {result['sequence']}, {len(result['components'])} component(s), "
+        f"{auth.alg} verifies" + (f", severed members {result['severed']}" if result["severed"] else ""),
+    )
+
+
+# -- device ---------------------------------------------------------------------------------------
+
+
+def cmd_device_init(args: argparse.Namespace) -> None:
+    dev = Device.init(args.dir)
+    _emit(args, dev.info(), f"initialised device {args.dir}\ninstance id {dev.instance_id.hex()}")
+
+
+def cmd_device_info(args: argparse.Namespace) -> None:
+    info = Device(args.dir).info()
+    _emit(args, info, "\n".join(f"{k:14} {v}" for k, v in info.items()))
+
+
+def cmd_device_trust(args: argparse.Namespace) -> None:
+    dev = Device(args.dir)
+    added = [dev.add_anchor(_read(p, "trust anchor")).hex() for p in args.add]
+    _emit(args, {"added": added}, "\n".join(f"trusted signer {s}" for s in added))
+
+
+def cmd_device_install(args: argparse.Namespace) -> None:
+    dev = Device(args.dir)
+    downgrade = _read(args.downgrade, "downgrade authorisation") if args.downgrade else None
+    try:
+        acc = dev.install(_read(args.package, "package"), downgrade)
+    except IsmError as exc:
+        _fail_json(args, exc, {"package": str(args.package)})
+    meta = acc.package.meta
+    _emit(
+        args,
+        {"valid": True, **acc.package.summary(), "downgrade": acc.downgraded},
+        f"staged {meta.name} {meta.version} (sequence {meta.sequence}) as {meta.uuid}",
+    )
+
+
+def format_boot_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"secure boot of device {report['instance_id'][:18]}...: {report['booted']} booted, {report['refused']} refused"
+    ]
+    for e in report["microservices"]:
+        ident = f"{e['name'] or '?'} {e['version'] or '?'} seq={e['sequence']}"
+        if e["verdict"] == "booted":
+            note = "  (authorised downgrade)" if e["downgraded"] else ""
+            lines.append(
+                f"  BOOTED   {ident:32} measurement {e['measurement'][:16]}... signer {e['signer'][:16]}...{note}"
+            )
+        else:
+            lines.append(f"  REFUSED  {ident:32} rule {e['rule']}: {e['message']}")
+    return "\n".join(lines)
+
+
+def cmd_device_boot(args: argparse.Namespace) -> None:
+    report = Device(args.dir).boot().to_json()
+    _emit(args, report, format_boot_report(report))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ism.cli.demo import run_demo
+
+    run_demo(args.examples, args.out)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ism", description="iSM, the integrated Security Manager")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        parent: Any, name: str, func: Callable[[argparse.Namespace], None], help_: str, json_opt: bool = True
+    ) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        if json_opt:
+            sp.add_argument("--json", action="store_true", help="print a JSON result")
+        return sp
+
+    k = add(sub, "keygen", cmd_keygen, "generate a signing key pair (KEY.pem, mode 0600, and KEY.pub.pem)")
+    k.add_argument("--alg", choices=["es256", "ed25519"], default="es256")
+    k.add_argument("--out", type=Path, required=True)
+
+    pkg = sub.add_parser("package", help="build, inspect and verify microservice packages").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    b = add(pkg, "build", cmd_package_build, "build and sign a microservice package (SUIT envelope)")
+    b.add_argument("--wasm", type=Path, required=True)
+    b.add_argument("--meta", type=Path, required=True)
+    b.add_argument("--key", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True)
+    i = add(pkg, "inspect", cmd_package_inspect, "print every field of a package")
+    i.add_argument("package", type=Path)
+    v = add(pkg, "verify", cmd_package_verify, "verify digest, signature and conditions of a package")
+    v.add_argument("package", type=Path)
+    v.add_argument("--trust", type=Path, action="append", required=True, help="trust anchor public key (repeatable)")
+    d = add(
+        pkg,
+        "authorize-downgrade",
+        cmd_package_downgrade,
+        "sign a downgrade authorisation for one microservice on one device",
+    )
+    d.add_argument("--uuid", required=True)
+    d.add_argument("--sequence", type=int, required=True, help="target sequence number")
+    d.add_argument("--from", dest="from_counter", type=int, required=True, help="current counter value")
+    d.add_argument("--instance", required=True, help="device instance ID (hex)")
+    d.add_argument("--key", type=Path, required=True, help="trust anchor private key")
+    d.add_argument("--out", type=Path, required=True)
+
+    s = sub.add_parser("suit", help="general SUIT tools").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    sv = add(s, "verify", cmd_suit_verify, "verify any SUIT envelope (COSE_Sign1 or COSE_Mac0)")
+    sv.add_argument("file", type=Path)
+    g = sv.add_mutually_exclusive_group(required=True)
+    g.add_argument("--key", type=Path, help="public key PEM")
+    g.add_argument("--hmac-key", type=Path, help="raw HMAC key file")
+
+    dev = sub.add_parser("device", help="manage a virtual device").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    for name, func, help_ in (
+        ("init", cmd_device_init, "create a virtual device directory"),
+        ("info", cmd_device_info, "show instance ID, trust anchors, counters, packages"),
+        ("boot", cmd_device_boot, "secure boot: verify every microservice and print the boot report"),
+    ):
+        add(dev, name, func, help_).add_argument("dir", type=Path)
+    t = add(dev, "trust", cmd_device_trust, "add a trust anchor for microservice signers")
+    t.add_argument("dir", type=Path)
+    t.add_argument("--add", type=Path, action="append", required=True)
+    ins = add(dev, "install", cmd_device_install, "verify and stage a package on a device")
+    ins.add_argument("dir", type=Path)
+    ins.add_argument("package", type=Path)
+    ins.add_argument("--downgrade", type=Path, help="downgrade authorisation (COSE)")
+
+    dm = add(sub, "demo", cmd_demo, "run the demonstration story", json_opt=False)
+    dm.add_argument("--examples", type=Path, default=Path("build/examples"), help="built example modules")
+    dm.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory (recreated)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. Returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except IsmError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The device: trust anchors, anti-rollback counters, secure and measured boot, storage."""

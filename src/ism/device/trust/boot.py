@@ -1,0 +1,114 @@
+"""Secure-boot decision for one microservice package (pure).
+
+Owns: the order and content of the checks that decide whether a package may
+run: structure, authenticity against the provisioned trust anchors, internal
+consistency (payload digest, size, metadata), the host-ABI check of its Wasm
+imports, and anti-rollback (with explicit, signed downgrades).
+Must not import: the device shell, hypervisor or anything above; does no I/O.
+
+Threat: code on the device's storage that was not signed by a trusted party,
+was modified after signing, or is an older signed version being replayed
+(rollback). Checks run in an order that never trusts an unauthenticated
+field: the sequence number is compared only after the signature verified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ism.crypto import cose
+from ism.crypto import suit as suit_auth
+from ism.crypto.keys import PublicKey, signer_id
+from ism.errors import RollbackError, TrustError, UntrustedSignerError
+from ism.formats import cbor, package, suit, wasm
+from ism.formats.abi import HOST_ABI
+from ism.formats.downgrade import Downgrade
+
+__all__ = ["Accepted", "check_downgrade", "check_package"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A package that passed secure boot, and the counter value to persist."""
+
+    package: package.Package
+    signer: bytes
+    counter: int
+    downgraded: bool
+
+
+def check_downgrade(
+    data: bytes, anchors: Sequence[PublicKey], pkg: package.Package, counter: int, instance_id: bytes
+) -> None:
+    """Verifies a downgrade authorisation for ``pkg`` over ``counter``.
+
+    Raises:
+        TrustError: ``boot.downgrade-*`` naming the mismatch.
+        SignatureError / UntrustedSignerError: if it is not signed by an anchor.
+    """
+    msg = cose.parse(cbor.loads(data), expect="sign1")
+    if msg.payload is None:
+        raise TrustError("boot.downgrade-format", "downgrade authorisation has no payload")
+    by_id = {signer_id(k): k for k in anchors}
+    key = by_id.get(msg.kid) if msg.kid is not None else None
+    if key is None:
+        raise UntrustedSignerError("boot.downgrade-signer", "downgrade authorisation is not signed by a trust anchor")
+    cose.verify_sign1(msg, key)
+    auth = Downgrade.decode(msg.payload)
+    meta = pkg.meta
+    for rule, got, expected in (
+        ("boot.downgrade-uuid", auth.uuid, meta.uuid),
+        ("boot.downgrade-device", auth.instance_id, instance_id),
+        ("boot.downgrade-target", auth.target, meta.sequence),
+        ("boot.downgrade-from", auth.from_counter, counter),
+    ):
+        if got != expected:
+            raise TrustError(
+                rule, "downgrade authorisation does not match", subject=str(meta.uuid), got=got, expected=expected
+            )
+
+
+def check_package(
+    data: bytes,
+    anchors: Sequence[PublicKey],
+    counters: dict[str, int],
+    instance_id: bytes,
+    downgrade: bytes | None = None,
+) -> Accepted:
+    """Decides whether a package may boot.
+
+    Args:
+        data: the stored envelope bytes.
+        anchors: the device's trust anchors.
+        counters: anti-rollback counters by microservice UUID (string form).
+        instance_id: the device's instance ID (binds downgrade authorisations).
+        downgrade: a downgrade authorisation stored with the package, if any.
+
+    Returns:
+        The accepted package and the counter value to persist.
+
+    Raises:
+        FormatError, SignatureError, DigestError, UntrustedSignerError,
+        ConditionError, RollbackError (``boot.rollback``), TrustError.
+    """
+    env = suit.parse_envelope(data)
+    auth = suit_auth.authenticate(env, anchors)
+    pkg = package.read_package(env)
+    module = wasm.parse_module(pkg.payload)
+    wasm.check_imports(module, HOST_ABI)
+    assert auth.signer_id is not None
+    seq = pkg.meta.sequence
+    current = counters.get(str(pkg.meta.uuid))
+    if current is None or seq >= current:
+        return Accepted(pkg, auth.signer_id, seq, downgraded=False)
+    if downgrade is None:
+        raise RollbackError(
+            "boot.rollback",
+            "sequence number is below the anti-rollback counter",
+            subject=str(pkg.meta.uuid),
+            got=seq,
+            expected=f">= {current}",
+        )
+    check_downgrade(downgrade, anchors, pkg, current, instance_id)
+    return Accepted(pkg, auth.signer_id, seq, downgraded=True)

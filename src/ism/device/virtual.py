@@ -1,0 +1,330 @@
+"""The virtual device: a directory that holds keys, trust anchors, counters and packages.
+
+Owns: the device's persistent layout and the I/O shell around the pure
+secure-boot decision in :mod:`ism.device.trust.boot`: read with size caps,
+ask ``trust``, persist only what was accepted, atomically.
+Must not import: hypervisor, services, agent, store, cli.
+
+Threat: offline modification of the device's storage — tampered or swapped
+packages, older signed packages (rollback), a deleted or edited counter file
+(counter reset), a crash mid-write. Packages are re-verified at every boot;
+counters live in a MAC'd file that must exist once the device is
+initialised; every write is atomic (:mod:`ism.device._atomic`).
+
+Layout::
+
+    DIR/device.json                 format, instance ID (UEID), key-store backend
+    DIR/keys/device.pem, .pub.pem   device key pair (0600 private)
+    DIR/keys/state.key              MAC key for state files (0600)
+    DIR/trust/<signer-id>.pem       trust anchors for microservice signers
+    DIR/state/rollback.cose         COSE_Mac0 over the anti-rollback counters
+    DIR/packages/<uuid>.suit        installed packages
+    DIR/packages/<uuid>.downgrade.cose  downgrade authorisation, if one was used
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ism.crypto import cose
+from ism.crypto.keys import PublicKey, generate, public_pem, read_public_pem, signer_id, write_keypair
+from ism.device._atomic import Faults, atomic_remove, atomic_write, read_capped, recover
+from ism.device.trust.boot import Accepted, check_package
+from ism.errors import FormatError, IsmError, StateCorruptError, TrustError, UsageError
+from ism.formats import cbor, suit
+from ism.formats.package import claimed_identity
+
+__all__ = ["BootEntry", "BootReport", "Device", "MAX_PACKAGE_SIZE"]
+
+FORMAT: Final = 1
+MAX_PACKAGE_SIZE: Final = 16 * 1024 * 1024
+MAX_AUTH_SIZE: Final = 4096
+MAX_STATE_SIZE: Final = 1024 * 1024
+UEID_RAND: Final = 0x01
+
+
+@dataclass(frozen=True, slots=True)
+class BootEntry:
+    """The measured-boot record of one microservice."""
+
+    uuid: str
+    name: str | None
+    version: str | None
+    sequence: int | None
+    measurement: str | None
+    signer: str | None
+    verdict: str
+    rule: str | None = None
+    message: str | None = None
+    code: int | None = None
+    downgraded: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "version": self.version,
+            "sequence": self.sequence,
+            "measurement": self.measurement,
+            "signer": self.signer,
+            "verdict": self.verdict,
+            "rule": self.rule,
+            "message": self.message,
+            "code": self.code,
+            "downgraded": self.downgraded,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BootReport:
+    """Result of one secure boot: one entry per installed microservice."""
+
+    instance_id: str
+    microservices: tuple[BootEntry, ...] = field(default_factory=tuple)
+    accepted: tuple[Accepted, ...] = field(default_factory=tuple, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "booted": sum(e.verdict == "booted" for e in self.microservices),
+            "refused": sum(e.verdict == "refused" for e in self.microservices),
+            "microservices": [e.to_json() for e in self.microservices],
+        }
+
+
+class Device:
+    """An initialised virtual device directory.
+
+    Args:
+        root: the device directory (created by :meth:`init`).
+        faults: fault injector for power-cut tests.
+
+    Raises:
+        UsageError: ``device.missing`` if ``root`` is not a device.
+        StateCorruptError: ``state.*`` if persisted state fails its checks.
+    """
+
+    def __init__(self, root: Path, faults: Faults | None = None) -> None:
+        self.root = root
+        self.faults = faults or Faults()
+        cfg_path = root / "device.json"
+        if not cfg_path.is_file():
+            raise UsageError("device.missing", "not an initialised device directory", subject=str(root))
+        recover(root)
+        try:
+            cfg = json.loads(read_capped(cfg_path, 64 * 1024))
+            self.instance_id = bytes.fromhex(cfg["instance_id"])
+            if cfg["format"] != FORMAT:
+                raise ValueError("format")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateCorruptError("state.config", "device.json is unreadable", subject=str(root)) from exc
+        self._state_key = self._read_secret(root / "keys" / "state.key")
+
+    # -- creation ---------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, root: Path, faults: Faults | None = None) -> Device:
+        """Creates a device: key pair, instance ID (UEID, random type), empty counters."""
+        faults = faults or Faults()
+        if (root / "device.json").exists():
+            raise UsageError("device.exists", "a device already exists here", subject=str(root))
+        for sub in ("keys", "trust", "state", "packages"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / "keys", 0o700)
+        key_path = root / "keys" / "device.pem"
+        for stale in (key_path, root / "keys" / "device.pub.pem"):
+            stale.unlink(missing_ok=True)  # left by an init that was cut short
+        write_keypair(generate("es256"), key_path)
+        atomic_write(root / "keys" / "state.key", secrets.token_bytes(32), faults, mode=0o600)
+        instance_id = bytes([UEID_RAND]) + secrets.token_bytes(32)
+        # device.json is written last: until it exists, the directory is not a device.
+        dev_cfg = {"format": FORMAT, "instance_id": instance_id.hex(), "keystore": "software"}
+        state_key = (root / "keys" / "state.key").read_bytes()
+        atomic_write(root / "state" / "rollback.cose", _seal_counters({}, state_key), faults)
+        atomic_write(root / "device.json", json.dumps(dev_cfg, indent=2).encode() + b"\n", faults)
+        return cls(root, faults)
+
+    @staticmethod
+    def _read_secret(path: Path) -> bytes:
+        try:
+            data = read_capped(path, 64)
+        except OSError as exc:
+            raise StateCorruptError("state.key", "device state key is missing", subject=str(path)) from exc
+        if len(data) != 32:
+            raise StateCorruptError("state.key", "device state key has the wrong size", subject=str(path))
+        return data
+
+    # -- trust anchors ----------------------------------------------------------------------------
+
+    def add_anchor(self, pem: bytes) -> bytes:
+        """Adds a trust anchor for microservice signers; returns its signer ID."""
+        key = read_public_pem(pem, "trust anchor")
+        sid = signer_id(key)
+        atomic_write(self.root / "trust" / f"{sid.hex()}.pem", public_pem(key), self.faults)
+        return sid
+
+    def anchors(self) -> list[PublicKey]:
+        """The provisioned trust anchors; a file that does not match its name is ignored."""
+        out = []
+        for path in sorted((self.root / "trust").glob("*.pem")):
+            try:
+                key = read_public_pem(read_capped(path, 16 * 1024), str(path))
+            except FormatError:
+                continue
+            if signer_id(key).hex() == path.stem:
+                out.append(key)
+        return out
+
+    # -- counters ---------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Anti-rollback counters by microservice UUID, verified against their MAC."""
+        path = self.root / "state" / "rollback.cose"
+        try:
+            data = read_capped(path, MAX_STATE_SIZE)
+        except FileNotFoundError:
+            raise StateCorruptError("state.rollback-missing", "anti-rollback counters are missing") from None
+        return _open_counters(data, self._state_key)
+
+    def _store_counters(self, counters: dict[str, int]) -> None:
+        atomic_write(self.root / "state" / "rollback.cose", _seal_counters(counters, self._state_key), self.faults)
+
+    # -- packages ---------------------------------------------------------------------------------
+
+    def package_path(self, ms_uuid: uuidlib.UUID | str) -> Path:
+        return self.root / "packages" / f"{ms_uuid}.suit"
+
+    def _downgrade_path(self, ms_uuid: uuidlib.UUID | str) -> Path:
+        return self.root / "packages" / f"{ms_uuid}.downgrade.cose"
+
+    def install(self, data: bytes, downgrade: bytes | None = None) -> Accepted:
+        """Verifies a package as secure boot would, then stages it.
+
+        Nothing is written unless every check passes. The anti-rollback counter
+        is not advanced here: it moves when boot accepts the package.
+        """
+        if len(data) > MAX_PACKAGE_SIZE:
+            raise FormatError(
+                "package.size",
+                "package is larger than the device accepts",
+                got=len(data),
+                expected=f"<= {MAX_PACKAGE_SIZE}",
+            )
+        if downgrade is not None and len(downgrade) > MAX_AUTH_SIZE:
+            raise FormatError("downgrade.size", "downgrade authorisation is too large")
+        accepted = check_package(data, self.anchors(), self.counters(), self.instance_id, downgrade)
+        ms = accepted.package.meta.uuid
+        if downgrade is not None and accepted.downgraded:
+            atomic_write(self._downgrade_path(ms), downgrade, self.faults)
+        atomic_write(self.package_path(ms), data, self.faults)
+        if not accepted.downgraded:
+            atomic_remove(self._downgrade_path(ms), self.faults)
+        return accepted
+
+    def installed(self) -> list[str]:
+        return sorted(p.name.removesuffix(".suit") for p in (self.root / "packages").glob("*.suit"))
+
+    def boot(self) -> BootReport:
+        """Secure and measured boot of every installed microservice, each independently."""
+        anchors = self.anchors()
+        counters = self.counters()
+        before = dict(counters)
+        entries: list[BootEntry] = []
+        accepted: list[Accepted] = []
+        for ms in self.installed():
+            try:
+                acc = self._boot_one(ms, anchors, counters)
+            except IsmError as exc:
+                entries.append(_refused(ms, self.package_path(ms), exc))
+                continue
+            meta = acc.package.meta
+            counters[str(meta.uuid)] = acc.counter
+            accepted.append(acc)
+            entries.append(
+                BootEntry(
+                    str(meta.uuid),
+                    meta.name,
+                    meta.version,
+                    meta.sequence,
+                    acc.package.measurement.hex(),
+                    acc.signer.hex(),
+                    "booted",
+                    downgraded=acc.downgraded,
+                )
+            )
+        if counters != before:
+            self._store_counters(counters)
+        return BootReport(self.instance_id.hex(), tuple(entries), tuple(accepted))
+
+    def _boot_one(self, ms: str, anchors: list[PublicKey], counters: dict[str, int]) -> Accepted:
+        data = read_capped(self.package_path(ms), MAX_PACKAGE_SIZE)
+        if len(data) > MAX_PACKAGE_SIZE:
+            raise FormatError("package.size", "stored package is larger than the device accepts")
+        dg_path = self._downgrade_path(ms)
+        downgrade = read_capped(dg_path, MAX_AUTH_SIZE) if dg_path.exists() else None
+        acc = check_package(data, anchors, counters, self.instance_id, downgrade)
+        if str(acc.package.meta.uuid) != ms:
+            raise TrustError(
+                "boot.slot",
+                "package is stored under another microservice's slot",
+                got=str(acc.package.meta.uuid),
+                expected=ms,
+            )
+        return acc
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id.hex(),
+            "keystore": "software",
+            "trust_anchors": [signer_id(k).hex() for k in self.anchors()],
+            "counters": self.counters(),
+            "installed": self.installed(),
+        }
+
+
+def _refused(ms: str, path: Path, exc: IsmError) -> BootEntry:
+    """A refusal entry; identity fields are what the envelope claims, when it parses."""
+    claimed: dict[str, Any] = {}
+    with contextlib.suppress(IsmError, OSError):
+        claimed = claimed_identity(suit.parse_envelope(read_capped(path, MAX_PACKAGE_SIZE)))
+    return BootEntry(
+        ms,
+        claimed.get("name"),
+        claimed.get("version"),
+        claimed.get("sequence"),
+        claimed.get("measurement"),
+        None,
+        "refused",
+        exc.rule,
+        exc.message,
+        int(exc.code),
+    )
+
+
+def _seal_counters(counters: dict[str, int], key: bytes) -> bytes:
+    return cose.mac0(cbor.dumps({1: FORMAT, 2: counters}), key)
+
+
+def _open_counters(data: bytes, key: bytes) -> dict[str, int]:
+    try:
+        msg = cose.parse(data, expect="mac0")
+        cose.verify_mac0(msg, key)
+        assert msg.payload is not None
+        body = cbor.loads(msg.payload)
+    except (IsmError, AssertionError) as exc:
+        raise StateCorruptError(
+            "state.rollback-integrity", "anti-rollback counters fail their integrity check"
+        ) from exc
+    counters = body.get(2) if isinstance(body, dict) and body.get(1) == FORMAT else None
+    if not isinstance(counters, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in counters.items()
+    ):
+        raise StateCorruptError("state.rollback-integrity", "anti-rollback counters are malformed")
+    return dict(counters)
