@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,8 @@ from ism.errors import FormatError, UsageError
 
 __all__ = [
     "Alg",
+    "Anchors",
+    "anchor_map",
     "PrivateKey",
     "PublicKey",
     "generate",
@@ -71,6 +74,17 @@ def signer_id(key: PublicKey | PrivateKey) -> bytes:
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) else key
     der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).digest()
+
+
+#: Trust anchors by signer ID, computed once so a check does not re-hash every key.
+Anchors = Mapping[bytes, "PublicKey"]
+
+
+def anchor_map(keys: Iterable[PublicKey] | Anchors) -> dict[bytes, PublicKey]:
+    """Trust anchors indexed by signer ID."""
+    if isinstance(keys, Mapping):
+        return dict(keys)
+    return {signer_id(k): k for k in keys}
 
 
 def write_keypair(key: PrivateKey, out: Path) -> Path:

@@ -14,11 +14,11 @@ under a trusted key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ism.crypto import cose
-from ism.crypto.keys import PrivateKey, PublicKey, signer_id
+from ism.crypto.keys import Anchors, PrivateKey, PublicKey, anchor_map, signer_id
 from ism.errors import FormatError, SignatureError, UntrustedSignerError
 from ism.formats import cbor, suit
 
@@ -36,14 +36,14 @@ class Authenticated:
 
 def authenticate(
     env: suit.Envelope,
-    keys: Sequence[PublicKey] = (),
+    keys: Sequence[PublicKey] | Anchors = (),
     hmac_key: bytes | None = None,
 ) -> Authenticated:
     """Checks the manifest digest and finds one authentication block that verifies.
 
     Args:
         env: a parsed envelope.
-        keys: trusted public keys (trust anchors).
+        keys: trusted public keys (trust anchors), or a map of them by signer ID.
         hmac_key: a trusted HMAC key for COSE_Mac0 blocks.
 
     Returns:
@@ -59,11 +59,11 @@ def authenticate(
     env.digest.check(suit.wrap(env.manifest_bytes), "suit.manifest-digest", "manifest")
     if not env.auth_blocks:
         raise SignatureError("suit.unsigned", "envelope has no authentication block")
-    by_id = {signer_id(k): k for k in keys}
+    by_id = keys if isinstance(keys, Mapping) else anchor_map(keys)
     untrusted_kid: bytes | None = None
     last: Exception | None = None
     for block in env.auth_blocks:
-        msg = cose.parse(cbor.loads(block))
+        msg = cose.parse(block)
         if not msg.tagged:
             raise FormatError("suit.auth", "authentication blocks must be tagged COSE")
         if msg.payload is not None and msg.payload != env.digest_bytes:
@@ -82,18 +82,21 @@ def authenticate(
         if kid is not None and len(kid) == 32 and by_id and kid not in by_id:
             untrusted_kid = kid
             continue
-        candidates = [by_id[kid]] if kid in by_id else list(keys)
-        for key in candidates:
+        if kid is not None and kid in by_id:
+            candidates: list[tuple[bytes, PublicKey]] = [(kid, by_id[kid])]
+        else:
+            candidates = list(by_id.items())
+        for sid, key in candidates:
             try:
                 cose.verify_sign1(msg, key, detached_payload=detached)
-                return Authenticated("sign1", msg.alg_name, signer_id(key))
+                return Authenticated("sign1", msg.alg_name, sid)
             except SignatureError as exc:
                 last = exc
     if untrusted_kid is not None and last is None:
         raise UntrustedSignerError(
             "suit.untrusted-signer", "envelope is signed by a key that is not a trust anchor", got=untrusted_kid
         )
-    if not keys and hmac_key is None:
+    if not by_id and hmac_key is None:
         raise UntrustedSignerError("suit.untrusted-signer", "no trust anchor to verify against")
     raise SignatureError("suit.signature", "no authentication block verifies under a trusted key")
 

@@ -95,4 +95,10 @@ def recover(directory: Path) -> list[Path]:
 def read_capped(path: Path, limit: int) -> bytes:
     """Reads at most ``limit`` bytes; returns ``limit + 1`` bytes if the file is larger."""
     with path.open("rb") as fh:
-        return fh.read(limit + 1)
+        # Size the read by the file, not by the cap: ``read(limit + 1)`` allocates
+        # ``limit + 1`` bytes up front (16 MiB per package at boot).
+        want = min(os.fstat(fh.fileno()).st_size, limit) + 1
+        data = fh.read(want)
+        if want <= limit and len(data) == want:  # the file grew after fstat
+            data += fh.read(limit + 1 - want)
+        return data

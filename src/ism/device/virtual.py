@@ -34,10 +34,19 @@ from pathlib import Path
 from typing import Any, Final
 
 from ism.crypto import cose
-from ism.crypto.keys import PublicKey, generate, public_pem, read_public_pem, signer_id, write_keypair
+from ism.crypto.keys import (
+    Anchors,
+    PublicKey,
+    anchor_map,
+    generate,
+    public_pem,
+    read_public_pem,
+    signer_id,
+    write_keypair,
+)
 from ism.device._atomic import Faults, atomic_remove, atomic_write, read_capped, recover
 from ism.device.trust.boot import Accepted, check_package
-from ism.errors import FormatError, IsmError, StateCorruptError, TrustError, UsageError
+from ism.errors import FormatError, IsmError, PlatformError, StateCorruptError, TrustError, UsageError
 from ism.formats import cbor, suit
 from ism.formats.package import claimed_identity
 
@@ -176,7 +185,7 @@ class Device:
         for path in sorted((self.root / "trust").glob("*.pem")):
             try:
                 key = read_public_pem(read_capped(path, 16 * 1024), str(path))
-            except FormatError:
+            except (FormatError, OSError):
                 continue
             if signer_id(key).hex() == path.stem:
                 out.append(key)
@@ -233,7 +242,7 @@ class Device:
 
     def boot(self) -> BootReport:
         """Secure and measured boot of every installed microservice, each independently."""
-        anchors = self.anchors()
+        anchors = anchor_map(self.anchors())
         counters = self.counters()
         before = dict(counters)
         entries: list[BootEntry] = []
@@ -263,13 +272,16 @@ class Device:
             self._store_counters(counters)
         return BootReport(self.instance_id.hex(), tuple(entries), tuple(accepted))
 
-    def _boot_one(self, ms: str, anchors: list[PublicKey], counters: dict[str, int]) -> Accepted:
-        data = read_capped(self.package_path(ms), MAX_PACKAGE_SIZE)
+    def _boot_one(self, ms: str, anchors: Anchors, counters: dict[str, int]) -> Accepted:
+        dg_path = self._downgrade_path(ms)
+        try:
+            data = read_capped(self.package_path(ms), MAX_PACKAGE_SIZE)
+            downgrade = read_capped(dg_path, MAX_AUTH_SIZE) if dg_path.exists() else None
+        except OSError as exc:  # one unreadable slot must not stop the others from booting
+            raise PlatformError("boot.read", f"cannot read the stored package: {exc.strerror}", subject=ms) from exc
         if len(data) > MAX_PACKAGE_SIZE:
             raise FormatError("package.size", "stored package is larger than the device accepts")
-        dg_path = self._downgrade_path(ms)
-        downgrade = read_capped(dg_path, MAX_AUTH_SIZE) if dg_path.exists() else None
-        acc = check_package(data, anchors, counters, self.instance_id, downgrade)
+        acc = check_package(data, anchors, counters, self.instance_id, downgrade, check_wasm=False)
         if str(acc.package.meta.uuid) != ms:
             raise TrustError(
                 "boot.slot",

@@ -1,14 +1,16 @@
 """The host ABI table: which functions a microservice may import from the iSM.
 
-Owns: the names and signatures of import module ``ism`` (ABI version 0).
+Owns: the names and signatures of import module ``ism`` (ABI version 1), the
+error codes host calls return, and the names of the exports the supervisor
+calls. ``docs/ABI.md`` and ``include/ism.h`` describe the same contract for
+developers; a test checks that the three agree.
 Must not import: anything above formats.
 
 Threat: a module that imports a host function the iSM does not provide (or
 with a different signature) would fail at link time on the device, or worse,
 bind to something unintended. Packages are checked against this table at
 build and at install, so such a module never reaches a device. The runtime
-semantics of each call are implemented by the hypervisor; this table is the
-single source of the names and types.
+semantics of each call are implemented by :mod:`ism.hypervisor.host`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,44 @@ from typing import Final
 
 from ism.formats.wasm import FuncType
 
-__all__ = ["ABI_VERSION", "HOST_ABI", "MODULE"]
+__all__ = [
+    "ABI_VERSION",
+    "ERRORS",
+    "EVENT_EXPORT",
+    "GATEWAY_BUFFER_EXPORT",
+    "GATEWAY_MAX",
+    "HOST_ABI",
+    "INIT_EXPORT",
+    "MAX_IO",
+    "MODULE",
+    "TICK_EXPORT",
+]
 
-ABI_VERSION: Final = 0
+ABI_VERSION: Final = 1
 MODULE: Final = "ism"
+
+#: Largest buffer a single host call moves (bytes).
+MAX_IO: Final = 64 * 1024
+#: Largest gateway request or reply (bytes).
+GATEWAY_MAX: Final = 4096
+
+# Guest exports the supervisor calls.
+INIT_EXPORT: Final = "init"  # () -> i32, once after instantiation; < 0 is a fault
+TICK_EXPORT: Final = "tick"  # () -> i32, on every timer tick (needs the "timer" resource)
+EVENT_EXPORT: Final = "event"  # (handle i32) -> i32, when a resource it opened has data
+GATEWAY_BUFFER_EXPORT: Final = "gateway_buffer"  # () -> i32: address of a GATEWAY_MAX-byte buffer
+
+#: Errors host calls return (negative i32). Policy violations are not errors: they stop the caller.
+ERRORS: Final[Mapping[str, int]] = {
+    "ISM_OK": 0,
+    "ISM_EINVAL": -1,  # an argument value is wrong (unknown operation, bad mode)
+    "ISM_EUNAVAILABLE": -2,  # the gateway callee is stopped, restarting or quarantined
+    "ISM_ETOOBIG": -3,  # the reply does not fit the caller's buffer (nothing is truncated)
+    "ISM_ECALLEE": -4,  # the gateway callee faulted while serving the call
+    "ISM_EAGAIN": -5,  # no data yet (try again on the next event)
+    "ISM_EIO": -6,  # the peripheral failed
+    "ISM_EREFUSED": -7,  # the callee answered with an error of its own
+}
 
 _I32 = "i32"
 
@@ -33,13 +69,15 @@ def _f(n_params: int, n_results: int = 1) -> FuncType:
 #: (module, name) -> signature. Pointers and lengths are i32 into the caller's memory.
 HOST_ABI: Final[Mapping[tuple[str, str], FuncType]] = {
     (MODULE, "log"): _f(3, 0),  # level, ptr, len
-    (MODULE, "resource_open"): _f(3),  # name_ptr, name_len, mode -> handle | -errno
-    (MODULE, "resource_read"): _f(3),  # handle, buf_ptr, buf_cap -> n | -errno
-    (MODULE, "resource_write"): _f(3),  # handle, buf_ptr, buf_len -> n | -errno
-    (MODULE, "resource_control"): _f(4),  # handle, op, arg_ptr, arg_len -> value | -errno
-    (MODULE, "gateway_call"): _f(8),  # target, target_len, op, op_len, req, req_len, resp, resp_cap
-    (MODULE, "caller_id"): _f(1),  # buf_ptr (16 bytes) -> 0 | -errno
-    (MODULE, "self_id"): _f(1),  # buf_ptr (16 bytes) -> 0 | -errno
-    (MODULE, "random"): _f(2),  # buf_ptr, len -> 0 | -errno
+    (MODULE, "resource_open"): _f(3),  # name_ptr, name_len, mode -> handle
+    (MODULE, "resource_read"): _f(3),  # handle, buf_ptr, buf_cap -> n | error
+    (MODULE, "resource_write"): _f(3),  # handle, buf_ptr, buf_len -> n | error
+    (MODULE, "resource_control"): _f(4),  # handle, op, arg_ptr, arg_len -> value | error
+    (MODULE, "gateway_call"): _f(6),  # target_ptr, target_len, req_ptr, req_len, resp_ptr, resp_cap -> n | error
+    (MODULE, "caller_id"): _f(1),  # buf_ptr (16 bytes) -> 0 | ISM_EINVAL outside a gateway call
+    (MODULE, "self_id"): _f(1),  # buf_ptr (16 bytes) -> 0
+    (MODULE, "random"): _f(2),  # buf_ptr, len -> 0 (needs the "rng" resource)
     (MODULE, "time_ms"): FuncType((), ("i64",)),
+    # Minimal signing hook until the crypto service lands: ECDSA P-256 / SHA-256, raw r||s.
+    (MODULE, "sign"): _f(6),  # key_ptr, key_len, msg_ptr, msg_len, sig_ptr, sig_cap -> 64 | error
 }

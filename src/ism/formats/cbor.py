@@ -126,8 +126,24 @@ class _Decoder:
         if depth > self.limits.max_depth:
             raise _fail("too-deep", f"nesting deeper than {self.limits.max_depth}", self.pos)
         start = self.pos
-        initial = self._take(1)[0]
+        data = self.data
+        if start >= len(data):
+            raise _fail("truncated", "needs 1 byte but none remain", start)
+        initial = data[start]
+        self.pos = start + 1
         major, info = initial >> 5, initial & 0x1F
+        # Fast paths for the most common items: small integers and short strings.
+        if info < 24:
+            if major == 0:
+                return info
+            if major == 2:
+                end = start + 1 + info
+                if end > len(data):
+                    raise _fail("truncated", f"needs {info} bytes", start)
+                self.pos = end
+                return data[start + 1 : end]
+            if major == 1:
+                return -1 - info
         if major == 7:
             return self._simple(info, start)
         arg = self._argument(info, start)
@@ -218,7 +234,8 @@ class _Decoder:
                 raise _fail("unexpected-break", "break code inside definite map", start)
             if indefinite:
                 self._count(2, start)
-            key = _hashable(key, key_pos)
+            if type(key) is not int and type(key) is not str and type(key) is not bytes:
+                key = _hashable(key, key_pos)
             value = self.decode(depth + 1)
             if value is _BREAK:
                 raise _fail("unexpected-break", "map key without value", key_pos)

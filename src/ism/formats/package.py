@@ -173,13 +173,14 @@ def _parse_requests(raw: Any, source: str) -> Requests:
     if not isinstance(res, dict):
         raise _err("package.meta-type", "must be a table of resource = [modes]", source, "requests.resources")
     for name, modes in res.items():
-        if not _RESOURCE_RE.match(name) or len(name) > 64:
+        if not isinstance(name, str) or not _RESOURCE_RE.match(name) or len(name) > 64:
             raise _err("package.meta-resource", "is not a logical resource name", source, f"requests.resources.{name}")
         if isinstance(modes, str):
             modes = [modes]
         if (
             not isinstance(modes, list)
             or not modes
+            or not all(isinstance(m, str) for m in modes)
             or not set(modes) <= RESOURCE_MODES
             or len(set(modes)) != len(modes)
         ):

@@ -1,0 +1,55 @@
+/* iSM host ABI, version 1 — for microservices written in C and compiled to wasm32.
+ *
+ * Build:  clang --target=wasm32 -nostdlib -O2 -Wl,--no-entry -Wl,--export-dynamic \
+ *               -Wl,--allow-undefined -o m.wasm m.c
+ * The contract is documented in docs/ABI.md; src/ism/formats/abi.py is the source of truth.
+ */
+#ifndef ISM_H
+#define ISM_H
+
+#include <stdint.h>
+
+#define ISM_ABI_VERSION 1
+
+#define ISM_OK            0
+#define ISM_EINVAL       (-1)
+#define ISM_EUNAVAILABLE (-2)
+#define ISM_ETOOBIG      (-3)
+#define ISM_ECALLEE      (-4)
+#define ISM_EAGAIN       (-5)
+#define ISM_EIO          (-6)
+#define ISM_EREFUSED     (-7)
+
+#define ISM_MODE_READ    1
+#define ISM_MODE_WRITE   2
+#define ISM_MODE_CONTROL 4
+
+#define ISM_MAX_IO       65536
+#define ISM_GATEWAY_MAX  4096
+
+#define ISM_IMPORT(name) __attribute__((import_module("ism"), import_name(name)))
+
+ISM_IMPORT("log") void ism_log(int32_t level, const void *ptr, int32_t len);
+ISM_IMPORT("resource_open") int32_t ism_resource_open(const char *name, int32_t name_len, int32_t mode);
+ISM_IMPORT("resource_read") int32_t ism_resource_read(int32_t handle, void *buf, int32_t cap);
+ISM_IMPORT("resource_write") int32_t ism_resource_write(int32_t handle, const void *buf, int32_t len);
+ISM_IMPORT("resource_control") int32_t ism_resource_control(int32_t handle, int32_t op, const void *arg,
+                                                             int32_t arg_len);
+ISM_IMPORT("gateway_call") int32_t ism_gateway_call(const char *target, int32_t target_len, const void *req,
+                                                     int32_t req_len, void *resp, int32_t resp_cap);
+ISM_IMPORT("caller_id") int32_t ism_caller_id(uint8_t uuid_out[16]);
+ISM_IMPORT("self_id") int32_t ism_self_id(uint8_t uuid_out[16]);
+ISM_IMPORT("random") int32_t ism_random(void *buf, int32_t len);
+ISM_IMPORT("time_ms") int64_t ism_time_ms(void);
+ISM_IMPORT("sign") int32_t ism_sign(const char *key, int32_t key_len, const void *msg, int32_t msg_len,
+                                     void *sig, int32_t sig_cap);
+
+/* Exports the supervisor calls (define the ones you need):
+ *   int32_t init(void);
+ *   int32_t tick(void);
+ *   int32_t event(int32_t handle);
+ *   int32_t gateway_buffer(void);                         returns the address of a 4096-byte buffer
+ *   int32_t op_<operation>(int32_t req_ptr, int32_t req_len); reply written in place, returns its length
+ */
+
+#endif /* ISM_H */

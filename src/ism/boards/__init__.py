@@ -1,0 +1,1 @@
+"""Peripherals behind logical resources: the protocol and the virtual (simulated) board."""
