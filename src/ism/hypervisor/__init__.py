@@ -1,0 +1,1 @@
+"""The hypervisor: one wasmtime sandbox per microservice, the host ABI, gateways, supervision."""

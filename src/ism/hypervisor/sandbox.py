@@ -1,0 +1,223 @@
+"""One wasmtime Store and instance per microservice, with its limits and a fast call path.
+
+Owns: compiling modules, instantiating a microservice with its host imports
+under the limits of its policy (memory pages, fuel per activation, wasm stack
+size), bounds-checked access to its linear memory, calling its exports, and
+turning every way an activation can fail into a :class:`Fault` that names the
+rule broken.
+Must not import: services, agent, store, cli.
+
+Threat: a microservice that tries to escape or starve the device — reading
+or writing outside its memory through a host call, looping forever, growing
+memory without bound, recursing until the stack overflows, or trapping. Each
+microservice has its own Store (no shared instance state); every activation
+runs with a fresh fuel budget; memory is capped by a store limit; host
+calls see guest pointers only through :meth:`Sandbox.read` /
+:meth:`Sandbox.write`, which refuse any span outside the guest's memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import wasmtime
+from wasmtime import _ffi as ffi  # the fast call path below uses wasmtime-py's C bindings
+from wasmtime._func import enter_wasm
+
+from ism.errors import IsmError, Violation
+from ism.formats.abi import MAX_IO
+
+__all__ = ["Fault", "Sandbox", "engine_for", "wasm_page"]
+
+WASM_PAGE: Final = 65536
+MAX_BACKTRACE: Final = 8
+_ENGINES: dict[int, wasmtime.Engine] = {}
+
+
+def wasm_page() -> int:
+    return WASM_PAGE
+
+
+def engine_for(stack: int) -> wasmtime.Engine:
+    """A fuel-metered engine with the given wasm stack limit (engines are shared per limit)."""
+    engine = _ENGINES.get(stack)
+    if engine is None:
+        cfg = wasmtime.Config()
+        cfg.consume_fuel = True
+        cfg.max_wasm_stack = stack
+        cfg.cranelift_opt_level = "speed"
+        engine = _ENGINES[stack] = wasmtime.Engine(cfg)
+    return engine
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Why an activation failed, for the violation record."""
+
+    rule: str
+    message: str
+    target: str | None = None
+    backtrace: tuple[str, ...] = field(default_factory=tuple)
+
+
+_TRAP_RULES: Final = {
+    wasmtime.TrapCode.OUT_OF_FUEL: ("sandbox.fuel", "CPU budget (fuel) exhausted"),
+    wasmtime.TrapCode.STACK_OVERFLOW: ("sandbox.stack", "wasm stack overflow"),
+    wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS: ("sandbox.memory-bounds", "out-of-bounds memory access"),
+    wasmtime.TrapCode.UNREACHABLE: ("sandbox.trap", "unreachable executed"),
+    wasmtime.TrapCode.INTEGER_DIVISION_BY_ZERO: ("sandbox.trap", "integer division by zero"),
+    wasmtime.TrapCode.INTEGER_OVERFLOW: ("sandbox.trap", "integer overflow"),
+    wasmtime.TrapCode.INDIRECT_CALL_TO_NULL: ("sandbox.trap", "indirect call to null"),
+    wasmtime.TrapCode.BAD_SIGNATURE: ("sandbox.trap", "indirect call with a bad signature"),
+    wasmtime.TrapCode.TABLE_OUT_OF_BOUNDS: ("sandbox.trap", "table access out of bounds"),
+}
+
+
+def _backtrace(trap: wasmtime.Trap) -> tuple[str, ...]:
+    out = []
+    for frame in (trap.frames or [])[:MAX_BACKTRACE]:
+        name = frame.func_name or f"func[{frame.func_index}]"
+        out.append(f"{name}@0x{frame.module_offset:x}")
+    return tuple(out)
+
+
+class _FastCall:
+    """Calls an i32-only export without wasmtime-py's per-call type conversion (about 6x faster)."""
+
+    __slots__ = ("_buf", "_func", "_n", "_store")
+
+    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_slots: int) -> None:
+        self._store = store
+        self._func = ctypes.byref(func._func)
+        self._buf = (ffi.wasmtime_val_raw_t * max(n_slots, 1))()
+        self._n = max(n_slots, 1)
+
+    def __call__(self, *args: int) -> int:
+        buf = self._buf
+        for i, a in enumerate(args):
+            buf[i].i32 = a
+        with enter_wasm(self._store) as trap:
+            error = ffi.wasmtime_func_call_unchecked(self._store._context(), self._func, buf, self._n, trap)
+            if error:
+                raise wasmtime.WasmtimeError._from_ptr(error)
+        return int(buf[0].i32)
+
+
+HostFactory = Callable[["Sandbox"], dict[str, tuple[wasmtime.FuncType, Callable[..., Any]]]]
+
+
+class Sandbox:
+    """A live instance of one microservice.
+
+    Args:
+        module: the compiled module.
+        engine: the engine it was compiled with.
+        memory_pages: the most linear memory the guest may have.
+        fuel: the CPU budget of one activation.
+        host: builds the host functions (``ism`` imports) bound to this sandbox.
+
+    Raises:
+        Violation: ``sandbox.instantiate`` / ``sandbox.memory`` / ``sandbox.no-memory``.
+    """
+
+    def __init__(
+        self, module: wasmtime.Module, engine: wasmtime.Engine, memory_pages: int, fuel: int, host: HostFactory
+    ) -> None:
+        self.fuel = fuel
+        self.memory_limit = memory_pages * WASM_PAGE
+        self.store = wasmtime.Store(engine)
+        self.store.set_limits(memory_size=self.memory_limit, instances=1, tables=4, memories=1, table_elements=100_000)
+        linker = wasmtime.Linker(engine)
+        for name, (ftype, func) in host(self).items():
+            linker.define_func("ism", name, ftype, func)
+        self.store.set_fuel(fuel)
+        try:
+            self.instance = linker.instantiate(self.store, module)
+        except wasmtime.Trap as trap:
+            fault = self.fault_from(trap)
+            raise Violation(fault.rule, f"start-up trapped: {fault.message}") from None
+        except wasmtime.WasmtimeError as exc:
+            text = str(exc).splitlines()[0] if str(exc) else "instantiation failed"
+            rule = "sandbox.memory" if "memory" in text and "limit" in text.lower() else "sandbox.instantiate"
+            raise Violation(rule, text[:200]) from None
+        exports = self.instance.exports(self.store)
+        memory = exports.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise Violation("sandbox.no-memory", "the module does not export its memory as 'memory'")
+        self.memory = memory
+        self._exports = exports
+        self._fast: dict[str, _FastCall] = {}
+        self._pages_at_start = memory.size(self.store)
+
+    # -- exports ----------------------------------------------------------------------------------
+
+    def has(self, name: str) -> bool:
+        return isinstance(self._exports.get(name), wasmtime.Func)
+
+    def call(self, name: str, *args: int) -> int:
+        """One activation: a fresh fuel budget, then the export. Traps propagate as wasmtime.Trap."""
+        fast = self._fast.get(name)
+        if fast is None:
+            func = self._exports.get(name)
+            if not isinstance(func, wasmtime.Func):
+                raise Violation("sandbox.missing-export", f"export {name} is missing")
+            ftype = func.type(self.store)
+            i32 = wasmtime.ValType.i32()
+            if any(p != i32 for p in ftype.params) or [str(r) for r in ftype.results] != ["i32"]:
+                raise Violation("sandbox.export-type", f"export {name} must take and return i32 values")
+            fast = self._fast[name] = _FastCall(self.store, func, max(len(ftype.params), 1))
+        self.store.set_fuel(self.fuel)
+        self._pages_at_start = self.memory.size(self.store)
+        return fast(*args)
+
+    def fault_from(self, exc: BaseException) -> Fault:
+        """Classifies an exception raised out of an activation."""
+        if isinstance(exc, IsmError):
+            return Fault(exc.rule, exc.message, exc.subject)
+        if isinstance(exc, wasmtime.Trap):
+            rule, message = _TRAP_RULES.get(exc.trap_code, ("sandbox.trap", "trap"))  # type: ignore[arg-type]
+            if rule == "sandbox.memory-bounds" and self._memory_exhausted():
+                rule, message = "sandbox.memory", "memory limit reached, then accessed beyond it"
+            return Fault(rule, f"{message} ({exc.trap_code})", None, _backtrace(exc))
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Fault("sandbox.trap", text[:200])
+
+    def _memory_exhausted(self) -> bool:
+        try:
+            return self.memory.data_len(self.store) >= self.memory_limit > self._pages_at_start * WASM_PAGE
+        except wasmtime.WasmtimeError:
+            return False
+
+    # -- guest memory -----------------------------------------------------------------------------
+
+    def _base(self, ptr: int, n: int, what: str) -> int:
+        ptr &= 0xFFFFFFFF
+        n &= 0xFFFFFFFF
+        size = self.memory.data_len(self.store)
+        if n > MAX_IO or ptr + n > size:
+            raise Violation("abi.bounds", f"{what}: span [{ptr}, {ptr + n}) outside guest memory of {size} bytes")
+        return ctypes.addressof(self.memory.data_ptr(self.store).contents) + ptr
+
+    def read(self, ptr: int, n: int, what: str = "buffer") -> bytes:
+        """Copies ``n`` bytes out of guest memory; a span outside it is a violation."""
+        if n == 0:
+            self._base(ptr, 0, what)
+            return b""
+        return ctypes.string_at(self._base(ptr, n, what), n & 0xFFFFFFFF)
+
+    def write(self, ptr: int, data: bytes, what: str = "buffer") -> None:
+        """Copies ``data`` into guest memory; a span outside it is a violation."""
+        base = self._base(ptr, len(data), what)
+        if data:
+            ctypes.memmove(base, data, len(data))
+
+    def check_span(self, ptr: int, n: int, what: str = "buffer") -> None:
+        """Refuses a span outside guest memory without touching it."""
+        self._base(ptr, n, what)
+
+    def close(self) -> None:
+        self._fast.clear()
+        self._exports = {}
