@@ -27,11 +27,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ism.crypto import cose
 from ism.crypto.keys import (
@@ -39,16 +44,20 @@ from ism.crypto.keys import (
     PublicKey,
     anchor_map,
     generate,
+    load_private,
     public_pem,
     read_public_pem,
     signer_id,
     write_keypair,
 )
 from ism.device._atomic import Faults, atomic_remove, atomic_write, read_capped, recover
+from ism.device.outbox import Outbox
 from ism.device.trust.boot import Accepted, check_package
 from ism.errors import FormatError, IsmError, PlatformError, StateCorruptError, TrustError, UsageError
-from ism.formats import cbor, suit
-from ism.formats.package import claimed_identity
+from ism.formats import cbor, suit, wasm
+from ism.formats.board import Board, parse_board
+from ism.formats.package import claimed_identity, read_package
+from ism.formats.policy import Policy, check_module, parse_policy
 
 __all__ = ["BootEntry", "BootReport", "Device", "MAX_PACKAGE_SIZE"]
 
@@ -57,6 +66,7 @@ MAX_PACKAGE_SIZE: Final = 16 * 1024 * 1024
 MAX_AUTH_SIZE: Final = 4096
 MAX_STATE_SIZE: Final = 1024 * 1024
 UEID_RAND: Final = 0x01
+_KEY_NAME: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +239,7 @@ class Device:
         if downgrade is not None and len(downgrade) > MAX_AUTH_SIZE:
             raise FormatError("downgrade.size", "downgrade authorisation is too large")
         accepted = check_package(data, self.anchors(), self.counters(), self.instance_id, downgrade)
+        self._check_against_policy(accepted)
         ms = accepted.package.meta.uuid
         if downgrade is not None and accepted.downgraded:
             atomic_write(self._downgrade_path(ms), downgrade, self.faults)
@@ -236,6 +247,92 @@ class Device:
         if not accepted.downgraded:
             atomic_remove(self._downgrade_path(ms), self.faults)
         return accepted
+
+    def _check_against_policy(self, accepted: Accepted) -> None:
+        """Static check at install: the module may import only what its policy grants."""
+        if not self.configured():
+            return
+        entry = self.policy().get(accepted.package.meta.uuid)
+        if entry is not None:
+            check_module(entry, wasm.parse_module(accepted.package.payload))
+
+    # -- configuration: board file and access policy ----------------------------------------------
+
+    def configured(self) -> bool:
+        return (self.root / "config" / "policy.toml").is_file()
+
+    def configure(self, board_text: str, policy_text: str) -> Policy:
+        """Installs a board file and an access policy (both validated first; written atomically).
+
+        The policy is checked against the installed packages before anything is
+        written, so a policy that grants a gateway to a missing operation, or
+        that does not grant what an installed module imports, is refused.
+        """
+        board = parse_board(board_text, "board.toml")
+        policy = parse_policy(policy_text, board, "policy.toml")
+        for ms in self.installed():
+            try:
+                pkg = read_package(suit.parse_envelope(read_capped(self.package_path(ms), MAX_PACKAGE_SIZE)))
+            except IsmError:
+                continue  # boot reports it; a broken package constrains nothing
+            entry = policy.get(pkg.meta.uuid)
+            if entry is not None:
+                check_module(entry, wasm.parse_module(pkg.payload))
+        config = self.root / "config"
+        config.mkdir(exist_ok=True)
+        atomic_write(config / "board.toml", board_text.encode(), self.faults)
+        atomic_write(config / "policy.toml", policy_text.encode(), self.faults)
+        return policy
+
+    def board(self) -> Board:
+        return parse_board(self._config_text("board.toml"), "board.toml")
+
+    def policy(self) -> Policy:
+        return parse_policy(self._config_text("policy.toml"), self.board(), "policy.toml")
+
+    def _config_text(self, name: str) -> str:
+        path = self.root / "config" / name
+        try:
+            return read_capped(path, MAX_STATE_SIZE).decode("utf-8")
+        except FileNotFoundError:
+            raise UsageError(
+                "device.unconfigured",
+                "no board file and policy installed; run 'ism device configure'",
+                subject=str(self.root),
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateCorruptError("state.config", f"{name} is unreadable", subject=str(path)) from exc
+
+    # -- device keys (minimal signing hook until the crypto service) --------------------------------
+
+    def sign(self, name: str, message: bytes) -> bytes:
+        """ECDSA P-256 / SHA-256 with the named device key (created on first use); raw r||s."""
+        key = self._named_key(name)
+        r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    def public_key(self, name: str) -> bytes:
+        """PEM of the named device key's public half."""
+        return public_pem(self._named_key(name))
+
+    def _named_key(self, name: str) -> ec.EllipticCurvePrivateKey:
+        if not _KEY_NAME.match(name):
+            raise UsageError("device.key-name", "key names are lower-case identifiers", got=name)
+        path = self.root / "keys" / "ms" / f"{name}.pem"
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            new = ec.generate_private_key(ec.SECP256R1())
+            pem = new.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            atomic_write(path, pem, self.faults, mode=0o600)
+        key = load_private(path)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise StateCorruptError("state.key", "device key has the wrong type", subject=str(path))
+        return key
+
+    def outbox(self) -> Outbox:
+        return Outbox(self.root / "state" / "outbox.sqlite")
 
     def installed(self) -> list[str]:
         return sorted(p.name.removesuffix(".suit") for p in (self.root / "packages").glob("*.suit"))

@@ -46,6 +46,7 @@ __all__ = [
     "MicroservicePolicy",
     "Policy",
     "RestartPolicy",
+    "check_module",
     "check_modules",
     "parse_policy",
 ]
@@ -311,41 +312,54 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
     return Policy(version, board.name, by_uuid, by_name)
 
 
-def check_modules(policy: Policy, modules: Mapping[uuidlib.UUID, WasmModule]) -> None:
-    """Static link check of the policy against the installed modules.
+def check_module(entry: MicroservicePolicy, module: WasmModule) -> None:
+    """Static check of one module against its policy entry.
 
-    Refuses a granted gateway whose callee does not export ``op_<operation>``
-    with the gateway signature, and a module that imports host functions whose
-    capability the policy does not grant it.
+    Refuses a granted operation the module does not export as
+    ``op_<operation>(i32, i32) -> i32`` (or without ``gateway_buffer``), and a
+    module that imports host functions whose capability the policy does not
+    grant it.
 
     Raises:
         FormatError: ``policy.gateway`` / ``policy.capability``.
     """
-    for ms_uuid, module in modules.items():
-        entry = policy.get(ms_uuid)
-        if entry is None:
-            continue
-        for op in entry.exports:
-            ftype = module.export_type(GATEWAY_EXPORT_PREFIX + op)
-            if ftype is None or ftype.params != ("i32", "i32") or ftype.results != ("i32",):
-                raise FormatError(
-                    "policy.gateway",
-                    f"{entry.name} does not export {GATEWAY_EXPORT_PREFIX}{op}(i32, i32) -> i32",
-                    subject=entry.name,
-                )
-        imported = {imp.name for imp in module.imports if imp.module == "ism"}
-        needs = []
-        if imported & _NEEDS_RESOURCE and not entry.resources:
-            needs.append("resources (imports resource_*)")
-        if "gateway_call" in imported and not entry.gateways:
-            needs.append("gateways (imports gateway_call)")
-        if "sign" in imported and not entry.keys:
-            needs.append("keys (imports sign)")
-        if "random" in imported and "rng" not in entry.resources:
-            needs.append("rng (imports random)")
-        if needs:
+    for op in sorted(entry.exports):
+        ftype = module.export_type(GATEWAY_EXPORT_PREFIX + op)
+        if ftype is None or ftype.params != ("i32", "i32") or ftype.results != ("i32",):
             raise FormatError(
-                "policy.capability",
-                f"{entry.name} imports host functions its policy does not grant: {', '.join(needs)}",
+                "policy.gateway",
+                f"{entry.name} does not export {GATEWAY_EXPORT_PREFIX}{op}(i32, i32) -> i32",
                 subject=entry.name,
             )
+    if entry.exports:
+        ftype = module.export_type("gateway_buffer")
+        if ftype is None or ftype.params != () or ftype.results != ("i32",):
+            raise FormatError(
+                "policy.gateway",
+                f"{entry.name} offers operations but does not export gateway_buffer() -> i32",
+                subject=entry.name,
+            )
+    imported = {imp.name for imp in module.imports if imp.module == "ism"}
+    needs = []
+    if imported & _NEEDS_RESOURCE and not entry.resources:
+        needs.append("resources (imports resource_*)")
+    if "gateway_call" in imported and not entry.gateways:
+        needs.append("gateways (imports gateway_call)")
+    if "sign" in imported and not entry.keys:
+        needs.append("keys (imports sign)")
+    if "random" in imported and "rng" not in entry.resources:
+        needs.append("rng (imports random)")
+    if needs:
+        raise FormatError(
+            "policy.capability",
+            f"{entry.name} imports host functions its policy does not grant: {', '.join(needs)}",
+            subject=entry.name,
+        )
+
+
+def check_modules(policy: Policy, modules: Mapping[uuidlib.UUID, WasmModule]) -> None:
+    """:func:`check_module` for every module the policy names."""
+    for ms_uuid, module in modules.items():
+        entry = policy.get(ms_uuid)
+        if entry is not None:
+            check_module(entry, module)

@@ -220,4 +220,3 @@ class Sandbox:
 
     def close(self) -> None:
         self._fast.clear()
-        self._exports = {}

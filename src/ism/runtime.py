@@ -1,0 +1,90 @@
+"""Builds a running device from its directory: boot, board file, policy, peripherals, supervisor.
+
+Owns: the wiring (as a Tock board's ``main.rs`` does): secure boot first, then
+the board's peripherals, the compiled policy, the static check of each booted
+module against its policy entry, the durable outbox, and the supervisor.
+Must not import: agent, store, cli.
+
+Threat: running something that should not run. Only packages secure boot
+accepted are loaded; a microservice the policy does not name, or whose
+imports need capabilities the policy does not grant, is not started and a
+record says why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ism.boards.virtual import Peripheral, make_peripherals
+from ism.device.outbox import Outbox
+from ism.device.virtual import BootReport, Device
+from ism.errors import IsmError
+from ism.formats import wasm
+from ism.formats.board import Board
+from ism.formats.policy import Policy, check_module
+from ism.hypervisor.supervisor import Image, Supervisor
+
+__all__ = ["Runtime"]
+
+
+@dataclass
+class Runtime:
+    """A booted, supervised device."""
+
+    device: Device
+    report: BootReport
+    board: Board
+    policy: Policy
+    peripherals: dict[str, Peripheral]
+    outbox: Outbox
+    supervisor: Supervisor
+
+    @classmethod
+    def start(
+        cls,
+        root: Path,
+        clock: Callable[[], float] = time.monotonic,
+        on_log: Callable[[str, int, str], None] | None = None,
+    ) -> Runtime:
+        """Boots the device in ``root`` and starts every microservice its policy names."""
+        device = Device(root)
+        report = device.boot()
+        board = device.board()
+        policy = device.policy()
+        peripherals = dict(make_peripherals(board, clock))
+        outbox = device.outbox()
+        images: list[Image] = []
+        refused: list[tuple[Image, IsmError]] = []
+        for acc in report.accepted:
+            meta = acc.package.meta
+            image = Image(meta.uuid, meta.name, meta.version, acc.package.measurement, acc.signer, acc.package.payload)
+            entry = policy.get(meta.uuid)
+            try:
+                if entry is not None:
+                    check_module(entry, wasm.parse_module(acc.package.payload))
+            except IsmError as exc:
+                refused.append((image, exc))
+                continue
+            images.append(image)
+        supervisor = Supervisor(
+            images, policy.by_uuid, peripherals, outbox.append, device.sign, clock=clock, on_log=on_log
+        )
+        for image, error in refused:
+            supervisor.record(image, error.rule, error.message, 1, "not started")
+        for image in supervisor.unmanaged:
+            supervisor.record(
+                image,
+                "policy.not-named",
+                "the access policy does not name this microservice: default deny, so it is not started",
+                1,
+                "not started",
+            )
+        supervisor.start()
+        return cls(device, report, board, policy, peripherals, outbox, supervisor)
+
+    def close(self) -> None:
+        self.supervisor.stop()
+        self.outbox.close()
