@@ -1,24 +1,38 @@
-"""``ism demo``: the story so far, told with the real commands.
+"""``ism demo``: the reference device's story, told with the real commands and the real runtime.
 
-Builds and signs the example microservices, provisions a virtual device,
-shows an install-time refusal, tampers with one package on the device's
-"flash" and replays an old version onto it, then boots: only the tampered
-and the rolled-back packages are refused. Finally an explicit, signed
-downgrade is accepted. Every step runs the same ``ism`` command a user would.
+1. A developer signs the four microservices of the fingerprint 2FA token; the
+   vendor provisions a virtual device, installs the board file, the access
+   policy and the packages (a tampered package is refused at install).
+2. The device boots (secure + measured boot) and runs: a host enrols a finger
+   and sends challenges over ``uart.host``; the token signs only when the
+   finger matches. The third-party ``analytics`` tries to read the fingerprint
+   sensor, is stopped, restarted with backoff and quarantined, and its
+   violation records appear — while the 2FA flow keeps working.
+3. An attacker with access to the device's storage flips a byte of one
+   package and replays an old version of another: secure boot refuses both,
+   the rest boots.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import time
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from ism.boards.virtual import Fingerprint, Uart
 from ism.errors import UsageError
 
 __all__ = ["run_demo"]
 
-EXAMPLES = ("hello", "blinky", "echo")
+TOKEN = ("biometric", "authenticator", "link", "analytics")
 
 
 def _run(*argv: str) -> int:
@@ -28,20 +42,44 @@ def _run(*argv: str) -> int:
     return main(list(argv))
 
 
-def _flip_last_payload_byte(path: Path) -> None:
+def _flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # the integrated Wasm payload is the envelope's last member
     path.write_bytes(bytes(data))
 
 
+def _verify(pem: bytes, challenge: bytes, raw: bytes) -> bool:
+    key = load_pem_public_key(pem)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big"))
+    try:
+        key.verify(der, challenge, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _exchange(runtime: object, uart: Uart, frame: bytes, seconds: float = 0.3) -> bytes:
+    from ism.runtime import Runtime
+
+    assert isinstance(runtime, Runtime)
+    uart.host_send(frame)
+    runtime.supervisor.run(seconds, until=lambda: not uart.pending())
+    runtime.supervisor.step()
+    return uart.host_receive()
+
+
 def run_demo(examples: Path, out: Path) -> None:
     """Runs the demo in ``out`` (recreated) using modules built in ``examples``."""
-    missing = [n for n in EXAMPLES if not (examples / f"{n}.wasm").is_file()]
+    from ism.device.virtual import Device
+    from ism.runtime import Runtime
+
+    missing = [n for n in TOKEN if not (examples / f"{n}.wasm").is_file()]
     if missing:
         raise UsageError(
             "demo.examples", f"example modules not built: {missing}; run 'make demo'", subject=str(examples)
         )
-    source = Path(__file__).resolve().parents[3] / "examples"
+    source = Path(__file__).resolve().parents[3] / "examples" / "fingerprint-token"
     if not source.is_dir():
         raise UsageError("demo.examples", "run the demo from a source checkout", subject=str(source))
     start = time.monotonic()
@@ -50,9 +88,9 @@ def run_demo(examples: Path, out: Path) -> None:
     out.mkdir(parents=True)
     dev, key = out / "device", out / "developer.pem"
 
-    print("== 1. A developer creates a signing key and builds signed microservice packages")
+    print("== 1. Build, sign, provision, install")
     _run("keygen", "--alg", "es256", "--out", str(key))
-    for name in EXAMPLES:
+    for name in TOKEN:
         _run(
             "package",
             "build",
@@ -65,75 +103,59 @@ def run_demo(examples: Path, out: Path) -> None:
             "--out",
             str(out / f"{name}.suit"),
         )
-    _run("package", "inspect", str(out / "hello.suit"))
-
-    print("\n== 2. The vendor provisions a virtual device and trusts the developer's key")
     _run("device", "init", str(dev))
     _run("device", "trust", str(dev), "--add", str(out / "developer.pub.pem"))
-
-    print("\n== 3. Install: every package is verified before it is staged")
-    for name in EXAMPLES:
+    _run(
+        "device", "configure", str(dev), "--board", str(source / "board.toml"), "--policy", str(source / "policy.toml")
+    )
+    for name in TOKEN:
         _run("device", "install", str(dev), str(out / f"{name}.suit"))
-    tampered = out / "echo-tampered.suit"
-    shutil.copy(out / "echo.suit", tampered)
-    _flip_last_payload_byte(tampered)
+    tampered = out / "link-tampered.suit"
+    shutil.copy(out / "link.suit", tampered)
+    _flip_last_byte(tampered)
     status = _run("device", "install", str(dev), str(tampered))
     print(f"(exit status {status}: the tampered package was refused and nothing was written)")
-
-    print("\n== 4. A newer hello (sequence 2) is installed and booted: its anti-rollback counter moves to 2")
-    meta2 = out / "hello-1.1.toml"
-    meta2.write_text(
-        (source / "hello" / "hello.toml")
-        .read_text()
-        .replace('version = "1.0.0"', 'version = "1.1.0"')
-        .replace("sequence = 1", "sequence = 2")
-    )
-    _run(
-        "package",
-        "build",
-        "--wasm",
-        str(examples / "hello.wasm"),
-        "--meta",
-        str(meta2),
-        "--key",
-        str(key),
-        "--out",
-        str(out / "hello-1.1.suit"),
-    )
-    _run("device", "install", str(dev), str(out / "hello-1.1.suit"))
     _run("device", "boot", str(dev))
 
-    print("\n== 5. An attacker with access to the device's storage:")
-    print("   - flips one byte of blinky's payload on flash")
-    print("   - writes the old, validly signed hello 1.0.0 (sequence 1) over hello 1.1.0")
-    from ism.device.virtual import Device
+    print("\n== 2. Run the fingerprint 2FA token")
+    runtime = Runtime.start(dev, on_log=lambda name, level, text: print(f"   [{name}] {text}"))
+    try:
+        sup = runtime.supervisor
+        sensor, uart = runtime.peripherals["spi.fingerprint"], runtime.peripherals["uart.host"]
+        assert isinstance(sensor, Fingerprint)
+        assert isinstance(uart, Uart)
+        public = runtime.device.public_key("device-2fa")
+        owner, stranger = os.urandom(64), os.urandom(64)
+        sensor.place(owner)
+        print(f"host -> 'E' (enrol the owner's finger)      <- {_exchange(runtime, uart, b'E').hex()}")
+        for who, finger in (("owner", owner), ("stranger", stranger)):
+            sensor.place(finger)
+            challenge = os.urandom(32)
+            reply = _exchange(runtime, uart, b"C" + challenge)
+            ok = len(reply) == 66 and reply[1] == 0 and _verify(public, challenge, reply[2:])
+            verdict = "signature VERIFIES with the device 2FA key" if ok else f"refused (status {reply[1:2].hex()})"
+            print(f"host -> 'C' + challenge, {who:8} finger    <- {reply[:2].hex()}... {verdict}")
+        print("\n   ... analytics keeps trying to read the fingerprint sensor:")
+        sup.run(1.0, until=lambda: sup.by_name["analytics"].state == "quarantined")
+        sensor.place(owner)
+        challenge = os.urandom(32)
+        reply = _exchange(runtime, uart, b"C" + challenge)
+        ok = len(reply) == 66 and _verify(public, challenge, reply[2:])
+        print(
+            f"\nafter the quarantine, owner's challenge     <- {reply[:2].hex()}... "
+            f"{'signature VERIFIES' if ok else 'FAILED'}"
+        )
+        print("\nmicroservice states:")
+        for st in sup.status():
+            print(f"   {st['name']:14} {st['state']:12} faults={st['faults']} restarts={st['restarts']}")
+    finally:
+        runtime.close()
+    _run("device", "violations", str(dev))
 
+    print("\n== 3. An attacker edits the device's storage: secure boot refuses what changed")
     device = Device(dev)
-    blinky_uuid = "5c0fa1e2-0b6e-4d43-9d1c-7d2f1c7f0a02"
-    hello_uuid = "5c0fa1e2-0b6e-4d43-9d1c-7d2f1c7f0a01"
-    _flip_last_payload_byte(device.package_path(blinky_uuid))
-    shutil.copy(out / "hello.suit", device.package_path(hello_uuid))
-    _run("device", "boot", str(dev))
-    print("(only the tampered and the rolled-back microservices are refused; echo boots)")
-
-    print("\n== 6. The vendor restores blinky and explicitly authorises the downgrade of hello")
-    shutil.copy(out / "blinky.suit", device.package_path(blinky_uuid))
-    _run(
-        "package",
-        "authorize-downgrade",
-        "--uuid",
-        hello_uuid,
-        "--sequence",
-        "1",
-        "--from",
-        "2",
-        "--instance",
-        device.instance_id.hex(),
-        "--key",
-        str(key),
-        "--out",
-        str(out / "hello-downgrade.cose"),
-    )
-    _run("device", "install", str(dev), str(out / "hello.suit"), "--downgrade", str(out / "hello-downgrade.cose"))
+    analytics_uuid = "193cd08e-78fe-47d0-b3ee-50f90988a3bf"
+    _flip_last_byte(device.package_path(analytics_uuid))
+    print("   flipped one byte of analytics' payload on flash")
     _run("device", "boot", str(dev))
     print(f"\ndemo finished in {time.monotonic() - start:.1f} s; files are in {out}/")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
@@ -266,6 +267,95 @@ def cmd_device_boot(args: argparse.Namespace) -> None:
     _emit(args, report, format_boot_report(report))
 
 
+def cmd_device_configure(args: argparse.Namespace) -> None:
+    dev = Device(args.dir)
+    policy = dev.configure(
+        _read(args.board, "board file").decode("utf-8", "replace"),
+        _read(args.policy, "policy").decode("utf-8", "replace"),
+    )
+    names = sorted(policy.by_name)
+    _emit(
+        args,
+        {"board": policy.board, "version": policy.version, "microservices": names},
+        f"configured board {policy.board}, policy version {policy.version} for {', '.join(names)}",
+    )
+
+
+def cmd_device_key(args: argparse.Namespace) -> None:
+    pem = Device(args.dir).public_key(args.name).decode()
+    _emit(args, {"name": args.name, "public_pem": pem}, pem.rstrip())
+
+
+def _print_records(records: list[dict[str, Any]]) -> None:
+    for r in records:
+        target = f" [{r['target']}]" if r.get("target") else ""
+        print(f"  #{r.get('id')} {r['name']} {r['version']}: {r['rule']}{target} — {r['details']} -> {r['action']}")
+        for frame in r.get("backtrace", [])[:4]:
+            print(f"      at {frame}")
+
+
+def cmd_device_violations(args: argparse.Namespace) -> None:
+    outbox = Device(args.dir).outbox()
+    try:
+        records = outbox.records(include_acked=args.all)
+    finally:
+        outbox.close()
+    if args.json:
+        print(json.dumps({"violations": records}, indent=2))
+        return
+    print(f"{len(records)} violation record(s)")
+    _print_records(records)
+
+
+def cmd_device_run(args: argparse.Namespace) -> None:
+    from ism.boards.virtual import Fingerprint, Uart
+    from ism.hostlink import UartBridge
+    from ism.runtime import Runtime
+
+    def on_log(name: str, level: int, text: str) -> None:
+        if not args.json:
+            print(f"[{name}] {text}", flush=True)
+
+    runtime = Runtime.start(args.dir, on_log=on_log)
+    bridge = None
+    try:
+        sup = runtime.supervisor
+        seen = len(sup.records)
+        if args.finger:
+            sensor = runtime.peripherals.get("spi.fingerprint")
+            if isinstance(sensor, Fingerprint):
+                sensor.place(_read(args.finger, "finger")[:64].ljust(64, b"\0"))
+        uart = runtime.peripherals.get("uart.host")
+        if args.uart_port is not None and isinstance(uart, Uart):
+            bridge = UartBridge(uart, args.uart_port)
+            print(f"uart.host on 127.0.0.1:{bridge.port}", flush=True)
+        if not args.json:
+            print(f"running {len(sup.microservices)} microservice(s) for {args.seconds:g} s", flush=True)
+        end = time.monotonic() + args.seconds
+        while time.monotonic() < end:
+            sup.step()
+            if bridge is not None:
+                bridge.flush()
+            if not args.json and len(sup.records) > seen:
+                _print_records([r.to_json() for r in sup.records[seen:]])
+                seen = len(sup.records)
+            time.sleep(0.002)
+        result = {
+            "boot": runtime.report.to_json(),
+            "microservices": sup.status(),
+            "violations": [r.to_json() for r in sup.records],
+        }
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            for st in sup.status():
+                print(f"  {st['name']:14} {st['state']:12} faults={st['faults']} restarts={st['restarts']}")
+    finally:
+        if bridge is not None:
+            bridge.close()
+        runtime.close()
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from ism.cli.demo import run_demo
 
@@ -344,6 +434,22 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("dir", type=Path)
     ins.add_argument("package", type=Path)
     ins.add_argument("--downgrade", type=Path, help="downgrade authorisation (COSE)")
+
+    cfg = add(dev, "configure", cmd_device_configure, "install the board file and the access policy")
+    cfg.add_argument("dir", type=Path)
+    cfg.add_argument("--board", type=Path, required=True)
+    cfg.add_argument("--policy", type=Path, required=True)
+    run = add(dev, "run", cmd_device_run, "boot the device and run its microservices")
+    run.add_argument("dir", type=Path)
+    run.add_argument("--for", dest="seconds", type=float, default=10.0, help="seconds to run (default 10)")
+    run.add_argument("--uart-port", type=int, help="serve uart.host on 127.0.0.1:PORT (0 picks a port)")
+    run.add_argument("--finger", type=Path, help="place this 64-byte finger on the fingerprint sensor")
+    vio = add(dev, "violations", cmd_device_violations, "list the violation records in the device's outbox")
+    vio.add_argument("dir", type=Path)
+    vio.add_argument("--all", action="store_true", help="include records the store acknowledged")
+    key = add(dev, "key", cmd_device_key, "print the public key of a named device key")
+    key.add_argument("dir", type=Path)
+    key.add_argument("name")
 
     dm = add(sub, "demo", cmd_demo, "run the demonstration story", json_opt=False)
     dm.add_argument("--examples", type=Path, default=Path("build/examples"), help="built example modules")
