@@ -199,6 +199,7 @@ def test_build_then_read_round_trips_every_field(
             "resources": {"gpio.led0": ["write", "read"], "timer": ["read"], "uart_1.tx": ["control"]},
             "gateways": ["echo.op_echo", "hello.init"],
             "storage": 4096,
+            "keys": [],
         },
         "certifications": ["cert-a", "cert-b"],
         "components": ["microservice"],
@@ -239,3 +240,19 @@ def test_build_is_deterministic(full_meta: package.PackageMeta, wasm_modules: di
     first = package.build_unsigned(full_meta, wasm_modules["hello"])
     second = package.build_unsigned(full_meta, wasm_modules["hello"])
     assert first == second
+
+
+def test_requests_keys_round_trip(wasm_modules: dict[str, bytes]) -> None:
+    """Named keys a microservice asks for travel in the signed metadata."""
+    text = (
+        'uuid = "5c0fa1e2-0b6e-4d43-9d1c-7d2f1c7f0a09"\nvendor = "0b1d6f3a-6a7e-4f2e-8f3e-5b2c9d1e7a10"\n'
+        'name = "keyed"\nversion = "1.0.0"\nsequence = 1\n[requests]\nkeys = ["device-2fa"]\n'
+    )
+    meta = package.parse_meta(text)
+    assert meta.requests.keys == ("device-2fa",)
+    manifest_bytes, members, integrated = package.build_unsigned(meta, wasm_modules["hello"])
+    env = suit.parse_envelope(suit.encode_envelope([b"", b""], manifest_bytes, members, integrated))
+    assert package.read_package(env).meta.requests.keys == ("device-2fa",)
+    with pytest.raises(FormatError) as info:
+        package.parse_meta(text.replace('["device-2fa"]', '["Device 2FA"]'))
+    assert info.value.rule == "package.meta-key-name"

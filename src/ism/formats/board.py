@@ -38,7 +38,7 @@ PERIPHERALS: Final[Mapping[str, frozenset[str]]] = {
     "rng": frozenset({"read"}),
     "memory": frozenset({"read", "write"}),
 }
-_NAME_RE: Final = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
+_NAME_RE: Final = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*\Z")
 _RESOURCE_KEYS: Final = frozenset({"peripheral", "exclusive", "modes", "size", "description"})
 MAX_RESOURCES: Final = 4096
 

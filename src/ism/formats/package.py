@@ -60,6 +60,7 @@ MAX_TEXT = 1024
 RESOURCE_MODES: Final = frozenset({"read", "write", "control"})
 _NAME_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _RESOURCE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
+_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _GATEWAY_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}\.[a-z_][a-z0-9_]{0,31}$")
 _SEMVER_RE: Final = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -69,7 +70,7 @@ _SEMVER_RE: Final = re.compile(
 
 # Keys of the iSM metadata map (envelope/manifest member -257).
 _MK_NAME, _MK_VERSION, _MK_DESCRIPTION, _MK_REQUESTS, _MK_CERTS, _MK_VENDOR_NAME = 1, 2, 3, 4, 5, 6
-_RK_RESOURCES, _RK_GATEWAYS, _RK_STORAGE = 1, 2, 3
+_RK_RESOURCES, _RK_GATEWAYS, _RK_STORAGE, _RK_KEYS = 1, 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ class Requests:
     resources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     gateways: tuple[str, ...] = ()
     storage: int = 0
+    keys: tuple[str, ...] = ()
 
     def encode(self) -> dict[int, Any]:
         out: dict[int, Any] = {}
@@ -88,6 +90,8 @@ class Requests:
             out[_RK_GATEWAYS] = list(self.gateways)
         if self.storage:
             out[_RK_STORAGE] = self.storage
+        if self.keys:
+            out[_RK_KEYS] = list(self.keys)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -95,6 +99,7 @@ class Requests:
             "resources": {k: list(v) for k, v in self.resources.items()},
             "gateways": list(self.gateways),
             "storage": self.storage,
+            "keys": list(self.keys),
         }
 
 
@@ -165,7 +170,7 @@ def _uuid(value: Any, key: str, source: str) -> uuidlib.UUID:
 def _parse_requests(raw: Any, source: str) -> Requests:
     if not isinstance(raw, dict):
         raise _err("package.meta-type", "must be a table", source, "requests")
-    unknown = set(raw) - {"resources", "gateways", "storage"}
+    unknown = set(raw) - {"resources", "gateways", "storage", "keys"}
     if unknown:
         raise _err("package.meta-key", "unknown key", source, f"requests.{sorted(unknown)[0]}")
     resources: dict[str, tuple[str, ...]] = {}
@@ -200,7 +205,14 @@ def _parse_requests(raw: Any, source: str) -> Requests:
     storage = raw.get("storage", 0)
     if not isinstance(storage, int) or isinstance(storage, bool) or not 0 <= storage <= 1 << 32:
         raise _err("package.meta-type", "must be a byte count", source, "requests.storage")
-    return Requests(resources, tuple(gateways), storage)
+    keys = raw.get("keys", [])
+    if (
+        not isinstance(keys, list)
+        or not all(isinstance(k, str) and _KEY_RE.match(k) for k in keys)
+        or len(set(keys)) != len(keys)
+    ):
+        raise _err("package.meta-key-name", "must be a list of distinct key names", source, "requests.keys")
+    return Requests(resources, tuple(gateways), storage, tuple(keys))
 
 
 def parse_meta(text: str, source: str = "M.toml") -> PackageMeta:
@@ -342,7 +354,7 @@ def _meta_from_member(raw: Any) -> dict[int, Any]:
 
 
 def _requests_from_member(raw: Any) -> Requests:
-    if not isinstance(raw, dict) or set(raw) - {_RK_RESOURCES, _RK_GATEWAYS, _RK_STORAGE}:
+    if not isinstance(raw, dict) or set(raw) - {_RK_RESOURCES, _RK_GATEWAYS, _RK_STORAGE, _RK_KEYS}:
         raise FormatError("package.metadata", "malformed requests map")
     toml_like: dict[str, Any] = {}
     if _RK_RESOURCES in raw:
@@ -351,6 +363,8 @@ def _requests_from_member(raw: Any) -> Requests:
         toml_like["gateways"] = raw[_RK_GATEWAYS]
     if _RK_STORAGE in raw:
         toml_like["storage"] = raw[_RK_STORAGE]
+    if _RK_KEYS in raw:
+        toml_like["keys"] = raw[_RK_KEYS]
     try:
         return _parse_requests(toml_like, "package metadata")
     except FormatError as exc:

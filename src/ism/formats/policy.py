@@ -52,9 +52,9 @@ __all__ = [
 ]
 
 GATEWAY_EXPORT_PREFIX: Final = "op_"
-_NAME_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_OP_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,31}$")
-_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_NAME_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
+_OP_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,31}\Z")
+_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 _MS_KEYS: Final = frozenset(
     {"uuid", "resources", "gateways", "exports", "keys", "storage", "memory_pages", "fuel", "stack", "restart"}
 )
@@ -235,7 +235,7 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
                 raise _err("policy.unknown-resource", "the board has no such resource", source, rkey)
             if isinstance(modes, str):
                 modes = [modes]
-            if not isinstance(modes, list) or not modes or not all(m in MODE_BITS for m in modes):
+            if not isinstance(modes, list) or not modes or not all(isinstance(m, str) and m in MODE_BITS for m in modes):
                 raise _err(
                     "policy.resource", f"modes must be a non-empty list of {sorted(MODE_BITS)}", source, rkey, modes
                 )
@@ -255,7 +255,7 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
             resources[rname] = mode_bits(modes)
         for target in _string_list(
             spec.get("gateways", []),
-            re.compile(r"^[a-z][a-z0-9-]*\.[a-z_][a-z0-9_]*$"),
+            re.compile(r"^[a-z][a-z0-9-]*\.[a-z_][a-z0-9_]*\Z"),
             "policy.gateway",
             source,
             f"{key}.gateways",
