@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from ism.crypto import suit as suit_auth
 from ism.crypto.keys import PrivateKey
 from ism.errors import FormatError
 from ism.formats import cbor, package, suit
@@ -242,7 +243,7 @@ def test_build_is_deterministic(full_meta: package.PackageMeta, wasm_modules: di
     assert first == second
 
 
-def test_requests_keys_round_trip(wasm_modules: dict[str, bytes]) -> None:
+def test_requests_keys_round_trip(wasm_modules: dict[str, bytes], dev_key: PrivateKey) -> None:
     """Named keys a microservice asks for travel in the signed metadata."""
     text = (
         'uuid = "5c0fa1e2-0b6e-4d43-9d1c-7d2f1c7f0a09"\nvendor = "0b1d6f3a-6a7e-4f2e-8f3e-5b2c9d1e7a10"\n'
@@ -251,7 +252,8 @@ def test_requests_keys_round_trip(wasm_modules: dict[str, bytes]) -> None:
     meta = package.parse_meta(text)
     assert meta.requests.keys == ("device-2fa",)
     manifest_bytes, members, integrated = package.build_unsigned(meta, wasm_modules["hello"])
-    env = suit.parse_envelope(suit.encode_envelope([b"", b""], manifest_bytes, members, integrated))
+    auth = suit_auth.sign_manifest(manifest_bytes, dev_key)
+    env = suit.parse_envelope(suit.encode_envelope(auth, manifest_bytes, members, integrated))
     assert package.read_package(env).meta.requests.keys == ("device-2fa",)
     with pytest.raises(FormatError) as info:
         package.parse_meta(text.replace('["device-2fa"]', '["Device 2FA"]'))
