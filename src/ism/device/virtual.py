@@ -175,9 +175,9 @@ class Device:
         try:
             data = read_capped(path, 64)
         except OSError as exc:
-            raise StateCorruptError("state.key", "device state key is missing", subject=str(path)) from exc
+            raise StateCorruptError("state.device-key", "device state key is missing", subject=str(path)) from exc
         if len(data) != 32:
-            raise StateCorruptError("state.key", "device state key has the wrong size", subject=str(path))
+            raise StateCorruptError("state.device-key", "device state key has the wrong size", subject=str(path))
         return data
 
     # -- trust anchors ----------------------------------------------------------------------------
@@ -328,7 +328,7 @@ class Device:
             atomic_write(path, pem, self.faults, mode=0o600)
         key = load_private(path)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise StateCorruptError("state.key", "device key has the wrong type", subject=str(path))
+            raise StateCorruptError("state.device-key", "device key has the wrong type", subject=str(path))
         return key
 
     def outbox(self) -> Outbox:

@@ -94,7 +94,7 @@ def parse_board(text: str, source: str = "board.toml") -> Board:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _err("board.toml", f"not valid TOML: {exc}", source) from None
+        raise _err("board.syntax", f"not valid TOML: {exc}", source) from None
     unknown = set(raw) - {"name", "resources", "description"}
     if unknown:
         raise _err("board.key", "unknown key", source, sorted(unknown)[0])

@@ -224,7 +224,7 @@ def parse_meta(text: str, source: str = "M.toml") -> PackageMeta:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _err("package.meta-toml", f"not valid TOML: {exc}", source) from None
+        raise _err("package.meta-syntax", f"not valid TOML: {exc}", source) from None
     allowed = {
         "uuid",
         "vendor",

@@ -178,7 +178,7 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise _err("policy.toml", f"not valid TOML: {exc}", source) from None
+        raise _err("policy.syntax", f"not valid TOML: {exc}", source) from None
     bad = set(raw) - {"version", "board", "defaults", "microservice"}
     if bad:
         raise _err("policy.key", "unknown key", source, sorted(bad)[0])
@@ -235,7 +235,11 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
                 raise _err("policy.unknown-resource", "the board has no such resource", source, rkey)
             if isinstance(modes, str):
                 modes = [modes]
-            if not isinstance(modes, list) or not modes or not all(isinstance(m, str) and m in MODE_BITS for m in modes):
+            if (
+                not isinstance(modes, list)
+                or not modes
+                or not all(isinstance(m, str) and m in MODE_BITS for m in modes)
+            ):
                 raise _err(
                     "policy.resource", f"modes must be a non-empty list of {sorted(MODE_BITS)}", source, rkey, modes
                 )
