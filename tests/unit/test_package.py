@@ -67,6 +67,12 @@ BAD_META: dict[str, tuple[str, str, str]] = {
     "bad-name-leading-digit": (_replace_line("name", 'name = "1hello"'), "package.meta-name", "name"),
     "bad-name-underscore": (_replace_line("name", 'name = "hello_world"'), "package.meta-name", "name"),
     "bad-name-too-long": (_replace_line("name", f'name = "{"a" * 33}"'), "package.meta-type", "name"),
+    "bad-name-trailing-newline": (_replace_line("name", 'name = "hello\\n"'), "package.meta-name", "name"),
+    "bad-version-trailing-newline": (
+        _replace_line("version", 'version = "1.0.0\\n"'),
+        "package.meta-version",
+        "version",
+    ),
     "negative-sequence": (_replace_line("sequence", "sequence = -1"), "package.meta-sequence", "sequence"),
     "sequence-as-string": (_replace_line("sequence", 'sequence = "7"'), "package.meta-sequence", "sequence"),
     "sequence-as-bool": (_replace_line("sequence", "sequence = true"), "package.meta-sequence", "sequence"),
@@ -115,7 +121,7 @@ BAD_META: dict[str, tuple[str, str, str]] = {
         "certifications",
     ),
     "description-not-text": (_replace_line("description", "description = 3"), "package.meta-type", "description"),
-    "not-toml": ("uuid = \n", "package.meta-toml", ""),
+    "not-toml": ("uuid = \n", "package.meta-syntax", ""),
 }
 BAD_META.update({f"missing-{key}": (_replace_line(key, None), "package.meta-missing", key) for key in REQUIRED})
 

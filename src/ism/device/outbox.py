@@ -7,9 +7,10 @@ Must not import: hypervisor, services, agent, store, cli.
 Threat: losing evidence. A record is committed in one SQLite transaction
 before the supervisor acts on the fault, so a power cut leaves it either
 fully written or not started; acknowledged records are kept (flagged), not
-deleted, until compaction. Records are bounded in size so a microservice
-cannot fill the disk through its violations (the oldest acknowledged records
-are compacted first; unacknowledged ones beyond the cap are summarised).
+deleted, until compaction. Records and their number are bounded so a
+microservice cannot fill the disk through its violations: beyond
+``MAX_RECORDS`` the oldest acknowledged records go first, then the oldest
+unacknowledged ones (a crash loop is quarantined long before that).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ MAX_PACKAGE_SIZE: Final = 16 * 1024 * 1024
 MAX_AUTH_SIZE: Final = 4096
 MAX_STATE_SIZE: Final = 1024 * 1024
 UEID_RAND: Final = 0x01
-_KEY_NAME: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_KEY_NAME: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 
 
 @dataclass(frozen=True, slots=True)

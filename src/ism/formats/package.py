@@ -58,14 +58,14 @@ REPORT: Final = 15  # SUIT reporting policy: report on success and failure, reco
 MAX_NAME = 32
 MAX_TEXT = 1024
 RESOURCE_MODES: Final = frozenset({"read", "write", "control"})
-_NAME_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_RESOURCE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
-_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_GATEWAY_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}\.[a-z_][a-z0-9_]{0,31}$")
+_NAME_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
+_RESOURCE_RE: Final = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*\Z")
+_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
+_GATEWAY_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}\.[a-z_][a-z0-9_]{0,31}\Z")
 _SEMVER_RE: Final = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?\Z"
 )
 
 # Keys of the iSM metadata map (envelope/manifest member -257).

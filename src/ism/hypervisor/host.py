@@ -177,6 +177,7 @@ def host_functions(
             "time_ms": time_ms,
             "sign": sign,
         }
-        return {name: (sup.functypes[name], fn) for name, fn in funcs.items()}
+        types = sup.functypes(ms.engine)
+        return {name: (types[name], fn) for name, fn in funcs.items()}
 
     return factory

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import wasmtime
 from wasmtime import _ffi as ffi  # the fast call path below uses wasmtime-py's C bindings
-from wasmtime._func import enter_wasm
+from wasmtime._func import maybe_raise_last_exn
 
 from ism.errors import IsmError, Violation
 from ism.formats.abi import MAX_IO
@@ -87,10 +87,11 @@ def _backtrace(trap: wasmtime.Trap) -> tuple[str, ...]:
 class _FastCall:
     """Calls an i32-only export without wasmtime-py's per-call type conversion (about 6x faster)."""
 
-    __slots__ = ("_buf", "_func", "_n", "_store")
+    __slots__ = ("_buf", "_ctx", "_func", "_n", "_store")
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_slots: int) -> None:
         self._store = store
+        self._ctx = store._context()
         self._func = ctypes.byref(func._func)
         self._buf = (ffi.wasmtime_val_raw_t * max(n_slots, 1))()
         self._n = max(n_slots, 1)
@@ -99,10 +100,20 @@ class _FastCall:
         buf = self._buf
         for i, a in enumerate(args):
             buf[i].i32 = a
-        with enter_wasm(self._store) as trap:
-            error = ffi.wasmtime_func_call_unchecked(self._store._context(), self._func, buf, self._n, trap)
+        # wasmtime-py's enter_wasm() inlined (its context manager costs ~1 us per activation):
+        # a trap, or a Python exception a host function raised (a Violation), propagates as there.
+        trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        try:
+            error = ffi.wasmtime_func_call_unchecked(self._ctx, self._func, buf, self._n, ctypes.byref(trap))
             if error:
                 raise wasmtime.WasmtimeError._from_ptr(error)
+            if trap:
+                trap_obj = wasmtime.Trap._from_ptr(trap)
+                maybe_raise_last_exn()
+                raise trap_obj
+        except wasmtime.WasmtimeError:
+            maybe_raise_last_exn()
+            raise
         return int(buf[0].i32)
 
 
@@ -148,6 +159,11 @@ class Sandbox:
         if not isinstance(memory, wasmtime.Memory):
             raise Violation("sandbox.no-memory", "the module does not export its memory as 'memory'")
         self.memory = memory
+        # Resolved once: every host call checks guest memory, and wasmtime-py's Memory methods
+        # re-resolve the store context and the memory handle on each call. Both stay valid while
+        # this sandbox holds the store and the memory.
+        self._ctx = self.store._context()
+        self._mem = ctypes.byref(memory._memory)
         self._exports = exports
         self._fast: dict[str, _FastCall] = {}
         self._pages_at_start = memory.size(self.store)
@@ -170,7 +186,7 @@ class Sandbox:
                 raise Violation("sandbox.export-type", f"export {name} must take and return i32 values")
             fast = self._fast[name] = _FastCall(self.store, func, max(len(ftype.params), 1))
         self.store.set_fuel(self.fuel)
-        self._pages_at_start = self.memory.size(self.store)
+        self._pages_at_start = ffi.wasmtime_memory_size(self._ctx, self._mem)
         return fast(*args)
 
     def fault_from(self, exc: BaseException) -> Fault:
@@ -193,18 +209,23 @@ class Sandbox:
 
     # -- guest memory -----------------------------------------------------------------------------
 
-    def _base(self, ptr: int, n: int, what: str) -> int:
+    def _check(self, ptr: int, n: int, what: str) -> int:
+        """The span's offset (``ptr`` as unsigned) once the span is known to lie inside guest memory."""
         ptr &= 0xFFFFFFFF
         n &= 0xFFFFFFFF
-        size = self.memory.data_len(self.store)
+        size = ffi.wasmtime_memory_data_size(self._ctx, self._mem)
         if n > MAX_IO or ptr + n > size:
             raise Violation("abi.bounds", f"{what}: span [{ptr}, {ptr + n}) outside guest memory of {size} bytes")
-        return ctypes.addressof(self.memory.data_ptr(self.store).contents) + ptr
+        return ptr
+
+    def _base(self, ptr: int, n: int, what: str) -> int:
+        offset = self._check(ptr, n, what)
+        return ctypes.addressof(ffi.wasmtime_memory_data(self._ctx, self._mem).contents) + offset
 
     def read(self, ptr: int, n: int, what: str = "buffer") -> bytes:
         """Copies ``n`` bytes out of guest memory; a span outside it is a violation."""
         if n == 0:
-            self._base(ptr, 0, what)
+            self._check(ptr, 0, what)
             return b""
         return ctypes.string_at(self._base(ptr, n, what), n & 0xFFFFFFFF)
 
@@ -216,7 +237,7 @@ class Sandbox:
 
     def check_span(self, ptr: int, n: int, what: str = "buffer") -> None:
         """Refuses a span outside guest memory without touching it."""
-        self._base(ptr, n, what)
+        self._check(ptr, n, what)
 
     def close(self) -> None:
         self._fast.clear()

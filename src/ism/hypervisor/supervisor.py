@@ -139,7 +139,10 @@ class Supervisor:
         self.wall = wall
         self.on_log = on_log
         self.started = time.monotonic()
-        self.functypes = {name: wasm_functype(name) for (_, name) in HOST_ABI}
+        # wasmtime ties a FuncType to the engine it is first used with (and aborts the process when
+        # it is used with another); microservices with different stack limits run on different
+        # engines, so the host functions' types are kept per engine.
+        self._functypes: dict[wasmtime.Engine, dict[str, wasmtime.FuncType]] = {}
         self.logs: deque[tuple[str, int, str]] = deque(maxlen=MAX_LOG_LINES)
         self.records: list[ViolationRecord] = []
         self.microservices: dict[uuidlib.UUID, Microservice] = {}
@@ -162,6 +165,13 @@ class Supervisor:
         timer = peripherals.get("timer")
         self._timer = timer if isinstance(timer, Timer) else None
         self._next_tick = 0.0
+
+    def functypes(self, engine: wasmtime.Engine) -> dict[str, wasmtime.FuncType]:
+        """The types of the host functions, for microservices running on ``engine``."""
+        types = self._functypes.get(engine)
+        if types is None:
+            types = self._functypes[engine] = {name: wasm_functype(name) for (_, name) in HOST_ABI}
+        return types
 
     # -- lifecycle --------------------------------------------------------------------------------
 
