@@ -109,7 +109,7 @@ def test_missing_state_key_is_detected(booted: Device) -> None:
     (booted.root / "keys" / "state.key").unlink()
     with pytest.raises(StateCorruptError) as info:
         Device(booted.root)
-    assert info.value.rule == "state.key"
+    assert info.value.rule == "state.device-key"
 
 
 def test_replaced_state_key_is_detected(booted: Device) -> None:
@@ -121,7 +121,7 @@ def test_short_state_key_is_detected(booted: Device) -> None:
     (booted.root / "keys" / "state.key").write_bytes(b"\x00" * 16)
     with pytest.raises(StateCorruptError) as info:
         Device(booted.root)
-    assert info.value.rule == "state.key"
+    assert info.value.rule == "state.device-key"
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b'{"format": 2, "instance_id": "01"}', b'{"format": 1}'])

@@ -154,6 +154,10 @@ class Sandbox:
             text = str(exc).splitlines()[0] if str(exc) else "instantiation failed"
             rule = "sandbox.memory" if "memory" in text and "limit" in text.lower() else "sandbox.instantiate"
             raise Violation(rule, text[:200]) from None
+        except AttributeError:
+            # A host call from the module's start function: the sandbox cannot reach guest memory
+            # until instantiation has finished, so the call fails; it is the module's fault.
+            raise Violation("sandbox.instantiate", "the start function called the host before init") from None
         exports = self.instance.exports(self.store)
         memory = exports.get("memory")
         if not isinstance(memory, wasmtime.Memory):
@@ -204,7 +208,7 @@ class Sandbox:
     def _memory_exhausted(self) -> bool:
         try:
             return self.memory.data_len(self.store) >= self.memory_limit > self._pages_at_start * WASM_PAGE
-        except wasmtime.WasmtimeError:
+        except (wasmtime.WasmtimeError, AttributeError):  # AttributeError: trapped in the start function
             return False
 
     # -- guest memory -----------------------------------------------------------------------------
