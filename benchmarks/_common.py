@@ -1,7 +1,13 @@
-"""Shared helpers for the benchmarks: timing, formatting, targets and exit status.
+"""Shared helpers for the benchmarks: timing, formatting, targets, exit status, and the host-call guest.
 
 Not part of the ``ism`` package. Each benchmark script puts this directory on
 ``sys.path`` and imports it as ``_common``.
+
+The host-call part (used by ``hostcall.py`` and ``gateway.py``) holds the
+guest that calls ``resource_write`` in a loop inside one activation, and the
+raw baseline: the same module instantiated with bare wasmtime (own Store and
+Linker, the engine and fuel iSM uses) against a Python host function of the
+same signature that reads the same byte from guest memory and returns.
 """
 
 from __future__ import annotations
@@ -13,21 +19,27 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "HOSTCALL_WAT",
+    "RawHostCall",
     "Target",
     "Timing",
     "best_of",
     "check_targets",
     "fail",
+    "fmt_bytes",
     "fmt_rate",
     "fmt_time",
+    "hostcall_wasm",
     "machine",
     "measure",
+    "measure_interleaved",
     "parser",
+    "rss_bytes",
 ]
 
 
@@ -64,6 +76,27 @@ def measure(fn: Callable[[], Any], repeat: int, number: int = 1) -> Timing:
             fn()
         per_call.append((clock() - start) / number)
     return Timing(min(per_call), statistics.median(per_call), repeat, number)
+
+
+def measure_interleaved(fns: Sequence[Callable[[], Any]], repeat: int, number: int = 1) -> list[Timing]:
+    """:func:`measure` for several functions, their rounds taken in turn.
+
+    Round ``r`` of every function runs before round ``r + 1`` of any, so a slow
+    spell of the machine (another process, frequency scaling) lands on all of
+    them rather than on one side of a ratio.
+    """
+    if repeat < 1 or number < 1:
+        raise ValueError("repeat and number must be >= 1")
+    per_call: list[list[float]] = [[] for _ in fns]
+    clock = time.perf_counter
+    for _ in range(repeat):
+        for fn, out in zip(fns, per_call, strict=True):
+            gc.collect()
+            start = clock()
+            for _ in range(number):
+                fn()
+            out.append((clock() - start) / number)
+    return [Timing(min(t), statistics.median(t), repeat, number) for t in per_call]
 
 
 def best_of(fn: Callable[[], Any], repeat: int, number: int = 1) -> float:
@@ -141,3 +174,108 @@ def fail(message: str) -> int:
     """Reports a benchmark error on stderr; returns the exit status for it."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def fmt_bytes(n: float) -> str:
+    """A byte count with a readable unit (binary prefixes)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (``VmRSS`` of /proc/self/status), in bytes."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+
+
+# -- the host-call guest and its raw baseline (hostcall.py, gateway.py) -----------------------------
+
+#: A microservice that opens ``{resource}`` for write in ``init`` and, in ``run(n)``, calls
+#: ``resource_write(handle, 0, 1)`` n times within that one activation; returns the sum of the results.
+HOSTCALL_WAT = """
+(module
+  (import "ism" "resource_open" (func $open (param i32 i32 i32) (result i32)))
+  (import "ism" "resource_write" (func $write (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "\\01")
+  (data (i32.const 16) "{resource}")
+  (global $h (mut i32) (i32.const -1))
+  (func (export "init") (result i32)
+    (global.set $h (call $open (i32.const 16) (i32.const {length}) (i32.const 2)))
+    (global.get $h))
+  (func (export "run") (param $n i32) (result i32)
+    (local $i i32) (local $acc i32)
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
+        (local.set $acc (i32.add (local.get $acc) (call $write (global.get $h) (i32.const 0) (i32.const 1))))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $next)))
+    (local.get $acc)))
+"""
+
+
+def hostcall_wasm(resource: str) -> bytes:
+    """The host-call guest, compiled, for one resource name."""
+    import wasmtime
+
+    return bytes(wasmtime.wat2wasm(HOSTCALL_WAT.format(resource=resource, length=len(resource))))
+
+
+class RawHostCall:
+    """The raw baseline: the host-call guest under bare wasmtime, no iSM code on the call path.
+
+    Own Store and Linker on the engine iSM would use for ``stack`` (same config,
+    fuel metering on), ``fuel`` set before every activation as iSM does. The
+    host ``resource_open`` returns handle 0; ``resource_write`` has the ABI
+    signature, reads the byte at ``ptr`` through the memory export (one
+    ``data_ptr`` index: the cheapest read wasmtime-py offers) and returns 1.
+    """
+
+    def __init__(self, wasm: bytes, fuel: int, stack: int) -> None:
+        import wasmtime
+
+        from ism.hypervisor.sandbox import engine_for
+
+        engine = engine_for(stack)
+        self.fuel = fuel
+        self.store = store = wasmtime.Store(engine)
+        i32 = wasmtime.ValType.i32()
+        ftype = wasmtime.FuncType([i32, i32, i32], [i32])
+        memory: list[wasmtime.Memory] = []
+        self.last = 0
+
+        def resource_open(name_ptr: int, name_len: int, mode: int) -> int:
+            return 0
+
+        def resource_write(handle: int, ptr: int, n: int) -> int:
+            self.last = memory[0].data_ptr(store)[ptr]
+            return 1
+
+        linker = wasmtime.Linker(engine)
+        linker.define_func("ism", "resource_open", ftype, resource_open)
+        linker.define_func("ism", "resource_write", ftype, resource_write)
+        store.set_fuel(fuel)
+        instance = linker.instantiate(store, wasmtime.Module(engine, wasm))
+        exports = instance.exports(store)
+        mem = exports["memory"]
+        init, run = exports["init"], exports["run"]
+        assert isinstance(mem, wasmtime.Memory)
+        assert isinstance(init, wasmtime.Func)
+        assert isinstance(run, wasmtime.Func)
+        memory.append(mem)
+        self._run = run
+        if init(store) != 0:
+            raise RuntimeError("raw init failed")
+
+    def run(self, n: int) -> int:
+        """One activation making ``n`` host calls; returns the guest's sum of results (``n``)."""
+        self.store.set_fuel(self.fuel)
+        result = self._run(self.store, n)
+        assert isinstance(result, int)
+        return result
