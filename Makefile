@@ -33,13 +33,13 @@ lint: $(STAMP)
 unit: examples
 	$(BIN)/pytest -q
 
+BENCHMARKS := boot cose hostcall gateway density
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/boot.py --quick
-	$(BIN)/python benchmarks/cose.py --quick
+	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
 
 bench-full: $(STAMP)
-	$(BIN)/python benchmarks/boot.py
-	$(BIN)/python benchmarks/cose.py
+	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 test: lint unit bench
 

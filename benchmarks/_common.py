@@ -261,6 +261,7 @@ class RawHostCall:
         linker.define_func("ism", "resource_open", ftype, resource_open)
         linker.define_func("ism", "resource_write", ftype, resource_write)
         store.set_fuel(fuel)
+        store.set_epoch_deadline(100)  # same engine config as iSM's: fuel and an epoch deadline
         instance = linker.instantiate(store, wasmtime.Module(engine, wasm))
         exports = instance.exports(store)
         mem = exports["memory"]
@@ -276,6 +277,7 @@ class RawHostCall:
     def run(self, n: int) -> int:
         """One activation making ``n`` host calls; returns the guest's sum of results (``n``)."""
         self.store.set_fuel(self.fuel)
+        self.store.set_epoch_deadline(100)
         result = self._run(self.store, n)
         assert isinstance(result, int)
         return result

@@ -124,6 +124,7 @@ def child_raw(module: bytes, count: int) -> dict[str, Any]:
     def instance() -> tuple[wasmtime.Store, wasmtime.Instance]:
         store = wasmtime.Store(engine)
         store.set_fuel(entry.fuel)
+        store.set_epoch_deadline(100)
         inst = wasmtime.Instance(store, compiled, [wasmtime.Func(store, log_type, log)])
         init = inst.exports(store)["init"]
         assert isinstance(init, wasmtime.Func)

@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 import uuid as uuidlib
@@ -56,7 +57,19 @@ _NAME_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
 _OP_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,31}\Z")
 _KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 _MS_KEYS: Final = frozenset(
-    {"uuid", "resources", "gateways", "exports", "keys", "storage", "memory_pages", "fuel", "stack", "restart"}
+    {
+        "uuid",
+        "resources",
+        "gateways",
+        "exports",
+        "keys",
+        "storage",
+        "memory_pages",
+        "fuel",
+        "stack",
+        "deadline_ms",
+        "restart",
+    }
 )
 _RESTART_KEYS: Final = frozenset({"policy", "max_faults", "window", "backoff_ms", "max_backoff_ms"})
 RESTART_POLICIES: Final = frozenset({"backoff", "stop"})
@@ -96,6 +109,8 @@ class MicroservicePolicy:
     fuel: int = 5_000_000
     stack: int = 256 * 1024
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    #: wall-clock budget of one activation (bounds time spent in host calls, which fuel does not)
+    deadline_ms: int = 1000
 
     def allows(self, resource: str, bits: int) -> bool:
         """True when every bit of ``bits`` is granted on ``resource``."""
@@ -188,7 +203,7 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
     defaults_raw = raw.get("defaults", {})
     if not isinstance(defaults_raw, dict):
         raise _err("policy.key", "must be a table", source, "defaults")
-    bad = set(defaults_raw) - {"memory_pages", "fuel", "stack", "restart", "storage"}
+    bad = set(defaults_raw) - {"memory_pages", "fuel", "stack", "deadline_ms", "restart", "storage"}
     if bad:
         raise _err("policy.key", "unknown key", source, f"defaults.{sorted(bad)[0]}")
     base = MicroservicePolicy("defaults", uuidlib.UUID(int=0))
@@ -200,6 +215,14 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
         defaults_raw.get("stack", base.stack), 16 * 1024, 64 * 1024 * 1024, "policy.limits", source, "defaults.stack"
     )
     d_storage = _uint(defaults_raw.get("storage", 0), 0, 1 << 32, "policy.limits", source, "defaults.storage")
+    d_deadline = _uint(
+        defaults_raw.get("deadline_ms", base.deadline_ms),
+        10,
+        3_600_000,
+        "policy.limits",
+        source,
+        "defaults.deadline_ms",
+    )
     d_restart = _restart(defaults_raw.get("restart", {}), RestartPolicy(), source, "defaults.restart")
 
     entries = raw.get("microservice", {})
@@ -283,6 +306,9 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
                 spec.get("stack", d_stack), 16 * 1024, 64 * 1024 * 1024, "policy.limits", source, f"{key}.stack"
             ),
             restart=_restart(spec.get("restart", {}), d_restart, source, f"{key}.restart"),
+            deadline_ms=_uint(
+                spec.get("deadline_ms", d_deadline), 10, 3_600_000, "policy.limits", source, f"{key}.deadline_ms"
+            ),
         )
         by_name[name] = entry
         by_uuid[ms_uuid] = entry
@@ -297,20 +323,7 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
             raise _err("policy.gateway", "a microservice may not grant itself a gateway", source, key)
         gateways.setdefault(caller, set()).add((callee, op))
     for name, grants in gateways.items():
-        old = by_name[name]
-        new = MicroservicePolicy(
-            old.name,
-            old.uuid,
-            old.resources,
-            frozenset(grants),
-            old.exports,
-            old.keys,
-            old.storage,
-            old.memory_pages,
-            old.fuel,
-            old.stack,
-            old.restart,
-        )
+        new = dataclasses.replace(by_name[name], gateways=frozenset(grants))
         by_name[name] = new
         by_uuid[new.uuid] = new
     return Policy(version, board.name, by_uuid, by_name)

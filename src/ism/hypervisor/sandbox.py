@@ -19,6 +19,9 @@ calls see guest pointers only through :meth:`Sandbox.read` /
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -30,27 +33,73 @@ from wasmtime._func import maybe_raise_last_exn
 from ism.errors import IsmError, Violation
 from ism.formats.abi import MAX_IO
 
-__all__ = ["Fault", "Sandbox", "engine_for", "wasm_page"]
+__all__ = ["Fault", "Sandbox", "compile_module", "engine_for", "wasm_page"]
 
 WASM_PAGE: Final = 65536
 MAX_BACKTRACE: Final = 8
+EPOCH_MS: Final = 10
+MAX_CACHED_MODULES: Final = 256
 _ENGINES: dict[int, wasmtime.Engine] = {}
+_MODULES: dict[tuple[int, bytes], wasmtime.Module] = {}
 
 
 def wasm_page() -> int:
     return WASM_PAGE
 
 
+class _EpochClock:
+    """Advances the epoch of every engine every ``EPOCH_MS``: the wall-clock deadline of activations.
+
+    Fuel bounds the instructions a guest executes, but not the time it spends in
+    host calls (a loop of cheap host calls burns little fuel). The epoch deadline
+    bounds wall-clock time per activation whatever the guest does.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="ism-epoch", daemon=True)
+                self._thread.start()
+
+    @staticmethod
+    def _run() -> None:
+        while True:
+            time.sleep(EPOCH_MS / 1000)
+            for engine in list(_ENGINES.values()):
+                engine.increment_epoch()
+
+
+_EPOCHS: Final = _EpochClock()
+
+
 def engine_for(stack: int) -> wasmtime.Engine:
-    """A fuel-metered engine with the given wasm stack limit (engines are shared per limit)."""
+    """A fuel- and epoch-metered engine with the given wasm stack limit (shared per limit)."""
     engine = _ENGINES.get(stack)
     if engine is None:
         cfg = wasmtime.Config()
         cfg.consume_fuel = True
+        cfg.epoch_interruption = True
         cfg.max_wasm_stack = stack
         cfg.cranelift_opt_level = "speed"
         engine = _ENGINES[stack] = wasmtime.Engine(cfg)
+    _EPOCHS.ensure_running()
     return engine
+
+
+def compile_module(engine: wasmtime.Engine, wasm: bytes) -> wasmtime.Module:
+    """Compiles ``wasm`` once per engine (the cache is keyed by the SHA-256 of the bytes themselves)."""
+    key = (id(engine), hashlib.sha256(wasm).digest())
+    module = _MODULES.get(key)
+    if module is None:
+        module = wasmtime.Module(engine, wasm)
+        if len(_MODULES) >= MAX_CACHED_MODULES:
+            _MODULES.pop(next(iter(_MODULES)))
+        _MODULES[key] = module
+    return module
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +114,7 @@ class Fault:
 
 _TRAP_RULES: Final = {
     wasmtime.TrapCode.OUT_OF_FUEL: ("sandbox.fuel", "CPU budget (fuel) exhausted"),
+    wasmtime.TrapCode.INTERRUPT: ("sandbox.deadline", "wall-clock deadline of the activation passed"),
     wasmtime.TrapCode.STACK_OVERFLOW: ("sandbox.stack", "wasm stack overflow"),
     wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS: ("sandbox.memory-bounds", "out-of-bounds memory access"),
     wasmtime.TrapCode.UNREACHABLE: ("sandbox.trap", "unreachable executed"),
@@ -135,9 +185,16 @@ class Sandbox:
     """
 
     def __init__(
-        self, module: wasmtime.Module, engine: wasmtime.Engine, memory_pages: int, fuel: int, host: HostFactory
+        self,
+        module: wasmtime.Module,
+        engine: wasmtime.Engine,
+        memory_pages: int,
+        fuel: int,
+        host: HostFactory,
+        deadline_ms: int = 1000,
     ) -> None:
         self.fuel = fuel
+        self.deadline = max(1, -(-deadline_ms // EPOCH_MS))
         self.memory_limit = memory_pages * WASM_PAGE
         self.store = wasmtime.Store(engine)
         self.store.set_limits(memory_size=self.memory_limit, instances=1, tables=4, memories=1, table_elements=100_000)
@@ -145,6 +202,7 @@ class Sandbox:
         for name, (ftype, func) in host(self).items():
             linker.define_func("ism", name, ftype, func)
         self.store.set_fuel(fuel)
+        self.store.set_epoch_deadline(self.deadline)
         try:
             self.instance = linker.instantiate(self.store, module)
         except wasmtime.Trap as trap:
@@ -190,6 +248,7 @@ class Sandbox:
                 raise Violation("sandbox.export-type", f"export {name} must take and return i32 values")
             fast = self._fast[name] = _FastCall(self.store, func, max(len(ftype.params), 1))
         self.store.set_fuel(self.fuel)
+        self.store.set_epoch_deadline(self.deadline)
         self._pages_at_start = ffi.wasmtime_memory_size(self._ctx, self._mem)
         return fast(*args)
 

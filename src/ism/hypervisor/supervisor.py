@@ -41,7 +41,7 @@ from ism.formats.abi import (
 from ism.formats.board import MODE_BITS
 from ism.formats.policy import GATEWAY_EXPORT_PREFIX, MicroservicePolicy
 from ism.hypervisor.host import Handle, host_functions, wasm_functype
-from ism.hypervisor.sandbox import Fault, Sandbox, engine_for
+from ism.hypervisor.sandbox import Fault, Sandbox, compile_module, engine_for
 from ism.hypervisor.violations import ViolationRecord
 
 __all__ = ["Image", "Microservice", "State", "Supervisor"]
@@ -56,6 +56,9 @@ EUNAVAILABLE, ECALLEE, EREFUSED, ETOOBIG = (
 MAX_GATEWAY_CALLS: Final = 64
 MAX_TARGET: Final = 64
 MAX_LOG_LINES: Final = 1000
+MAX_LOG_LINES_PER_MS: Final = 200
+#: log lines one activation may emit; the rest are counted and reported as dropped
+MAX_LOG_PER_ACTIVATION: Final = 32
 
 
 class State(enum.StrEnum):
@@ -97,6 +100,10 @@ class Microservice:
     gateway_calls: int = 0
     gateway_buffer: int | None = None
     last_rule: str | None = None
+    imports: frozenset[str] = frozenset()
+    logs: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=MAX_LOG_LINES_PER_MS))
+    log_budget: int = 0
+    log_dropped: int = 0
 
     @property
     def uuid(self) -> uuidlib.UUID:
@@ -138,7 +145,7 @@ class Supervisor:
         self.clock = clock
         self.wall = wall
         self.on_log = on_log
-        self.started = time.monotonic()
+        self.started = clock()
         # wasmtime ties a FuncType to the engine it is first used with (and aborts the process when
         # it is used with another); microservices with different stack limits run on different
         # engines, so the host functions' types are kept per engine.
@@ -155,11 +162,12 @@ class Supervisor:
                 continue
             engine = engine_for(policy.stack)
             try:
-                module = wasmtime.Module(engine, image.wasm)
+                module = compile_module(engine, image.wasm)
             except wasmtime.WasmtimeError as exc:
                 self.record(image, "sandbox.compile", str(exc).splitlines()[0][:200], 1, "not started")
                 continue
-            ms = Microservice(image, policy, module, engine)
+            imports = frozenset(imp.name for imp in module.imports if imp.module == "ism" and imp.name)
+            ms = Microservice(image, policy, module, engine, imports=imports)
             self.microservices[image.uuid] = ms
             self.by_name[policy.name] = ms
         timer = peripherals.get("timer")
@@ -187,7 +195,14 @@ class Supervisor:
         ms.callers.clear()
         ms.gateway_buffer = None
         try:
-            ms.sandbox = Sandbox(ms.module, ms.engine, ms.policy.memory_pages, ms.policy.fuel, host_functions(self, ms))
+            ms.sandbox = Sandbox(
+                ms.module,
+                ms.engine,
+                ms.policy.memory_pages,
+                ms.policy.fuel,
+                host_functions(self, ms),
+                ms.policy.deadline_ms,
+            )
         except Violation as exc:
             ms.sandbox = None
             self._fault(ms, Fault(exc.rule, exc.message, exc.subject))
@@ -204,6 +219,7 @@ class Supervisor:
         if sb is None or ms.state is not State.RUNNING:
             return None
         ms.gateway_calls = 0
+        ms.log_budget, ms.log_dropped = MAX_LOG_PER_ACTIVATION, 0
         ms.active = True
         try:
             return sb.call(export, *args)
@@ -212,6 +228,7 @@ class Supervisor:
             return None
         finally:
             ms.active = False
+            self._report_dropped(ms)
 
     def _fault(self, ms: Microservice, fault: Fault) -> None:
         now = self.clock()
@@ -361,6 +378,7 @@ class Supervisor:
         callee.active = True
         callee.callers.append(caller.uuid)
         saved_calls, callee.gateway_calls = callee.gateway_calls, 0
+        callee.log_budget, callee.log_dropped = MAX_LOG_PER_ACTIVATION, 0
         try:
             if callee.gateway_buffer is None:
                 callee.gateway_buffer = sb.call(GATEWAY_BUFFER_EXPORT)
@@ -391,6 +409,7 @@ class Supervisor:
             if callee.callers:
                 callee.callers.pop()
             callee.gateway_calls = saved_calls
+            self._report_dropped(callee)
         if n < 0:
             return EREFUSED
         if n > oc & 0xFFFFFFFF:
@@ -400,7 +419,13 @@ class Supervisor:
 
     # -- logging ----------------------------------------------------------------------------------
 
+    def _report_dropped(self, ms: Microservice) -> None:
+        if ms.log_dropped:
+            dropped, ms.log_dropped = ms.log_dropped, 0
+            self.log(ms, 2, f"[{dropped} log line(s) dropped: more than {MAX_LOG_PER_ACTIVATION} in one activation]")
+
     def log(self, ms: Microservice, level: int, text: str) -> None:
+        ms.logs.append((level, text))
         self.logs.append((ms.name, level, text))
         if self.on_log is not None:
             self.on_log(ms.name, level, text)
