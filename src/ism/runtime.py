@@ -58,13 +58,12 @@ class Runtime:
         outbox = device.outbox()
         images: list[Image] = []
         refused: list[tuple[Image, IsmError]] = []
-        for acc in report.accepted:
-            meta = acc.package.meta
-            image = Image(meta.uuid, meta.name, meta.version, acc.package.measurement, acc.signer, acc.package.payload)
-            entry = policy.get(meta.uuid)
+        for booted in report.accepted:
+            image = Image(booted.uuid, booted.name, booted.version, booted.measurement, booted.signer, booted.payload)
+            entry = policy.get(booted.uuid)
             try:
                 if entry is not None:
-                    check_module(entry, wasm.parse_module(acc.package.payload))
+                    check_module(entry, wasm.parse_module(booted.payload))
             except IsmError as exc:
                 refused.append((image, exc))
                 continue

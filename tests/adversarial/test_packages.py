@@ -564,7 +564,7 @@ def test_boot_refuses_only_the_tampered_package(name: str, populated: Device, ct
         uuids["hello"]: ("refused", rule),
     }
     assert populated.counters() == counters
-    assert [a.package.meta.name for a in report.accepted] == ["blinky", "echo"]
+    assert [a.name for a in report.accepted] == ["blinky", "echo"]
 
 
 # -- anti-rollback -------------------------------------------------------------------------------

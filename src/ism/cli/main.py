@@ -263,7 +263,7 @@ def format_boot_report(report: dict[str, Any]) -> str:
 
 
 def cmd_device_boot(args: argparse.Namespace) -> None:
-    report = Device(args.dir).boot().to_json()
+    report = Device(args.dir).boot(full=args.full).to_json()
     _emit(args, report, format_boot_report(report))
 
 
@@ -424,9 +424,15 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, help_ in (
         ("init", cmd_device_init, "create a virtual device directory"),
         ("info", cmd_device_info, "show instance ID, trust anchors, counters, packages"),
-        ("boot", cmd_device_boot, "secure boot: verify every microservice and print the boot report"),
     ):
         add(dev, name, func, help_).add_argument("dir", type=Path)
+    bt = add(dev, "boot", cmd_device_boot, "secure boot: verify every microservice and print the boot report")
+    bt.add_argument("dir", type=Path)
+    bt.add_argument(
+        "--full",
+        action="store_true",
+        help="re-verify every package in full, even those unchanged since their last full verification",
+    )
     t = add(dev, "trust", cmd_device_trust, "add a trust anchor for microservice signers")
     t.add_argument("dir", type=Path)
     t.add_argument("--add", type=Path, action="append", required=True)

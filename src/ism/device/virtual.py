@@ -18,6 +18,7 @@ Layout::
     DIR/keys/state.key              MAC key for state files (0600)
     DIR/trust/<signer-id>.pem       trust anchors for microservice signers
     DIR/state/rollback.cose         COSE_Mac0 over the anti-rollback counters
+    DIR/state/sealed.cose           COSE_Mac0 over sealed boot records (validate-once, see trust.boot.Sealed)
     DIR/packages/<uuid>.suit        installed packages
     DIR/packages/<uuid>.downgrade.cose  downgrade authorisation, if one was used
 """
@@ -25,6 +26,7 @@ Layout::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -52,14 +54,14 @@ from ism.crypto.keys import (
 )
 from ism.device._atomic import Faults, atomic_remove, atomic_write, read_capped, recover
 from ism.device.outbox import Outbox
-from ism.device.trust.boot import Accepted, check_package
+from ism.device.trust.boot import Accepted, Sealed, check_package, check_sealed, seal
 from ism.errors import FormatError, IsmError, PlatformError, StateCorruptError, TrustError, UsageError
 from ism.formats import cbor, suit, wasm
 from ism.formats.board import Board, parse_board
 from ism.formats.package import claimed_identity, read_package
 from ism.formats.policy import Policy, check_module, parse_policy
 
-__all__ = ["BootEntry", "BootReport", "Device", "MAX_PACKAGE_SIZE"]
+__all__ = ["BootEntry", "BootReport", "Booted", "Device", "MAX_PACKAGE_SIZE"]
 
 FORMAT: Final = 1
 MAX_PACKAGE_SIZE: Final = 16 * 1024 * 1024
@@ -84,6 +86,7 @@ class BootEntry:
     message: str | None = None
     code: int | None = None
     downgraded: bool = False
+    verified: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,7 +101,39 @@ class BootEntry:
             "message": self.message,
             "code": self.code,
             "downgraded": self.downgraded,
+            "verified": self.verified,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Booted:
+    """A microservice secure boot accepted: what runs, and how it was verified."""
+
+    uuid: uuidlib.UUID
+    name: str
+    version: str
+    sequence: int
+    measurement: bytes
+    signer: bytes
+    downgraded: bool
+    payload: bytes = field(repr=False)
+    #: "full" (parsed and verified now) or "sealed" (unchanged since a full verification)
+    verified: str = "sealed"
+
+    @classmethod
+    def from_sealed(cls, record: Sealed, payload: bytes, verified: str = "sealed") -> Booted:
+        # A sealed record is used only when sequence >= counter: no downgrade happens in that boot.
+        return cls(
+            uuidlib.UUID(bytes=record.uuid),
+            record.name,
+            record.version,
+            record.sequence,
+            record.measurement,
+            record.signer,
+            record.downgraded and verified == "full",
+            payload,
+            verified,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +142,7 @@ class BootReport:
 
     instance_id: str
     microservices: tuple[BootEntry, ...] = field(default_factory=tuple)
-    accepted: tuple[Accepted, ...] = field(default_factory=tuple, repr=False)
+    accepted: tuple[Booted, ...] = field(default_factory=tuple, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -337,39 +372,52 @@ class Device:
     def installed(self) -> list[str]:
         return sorted(p.name.removesuffix(".suit") for p in (self.root / "packages").glob("*.suit"))
 
-    def boot(self) -> BootReport:
-        """Secure and measured boot of every installed microservice, each independently."""
+    def boot(self, full: bool = False) -> BootReport:
+        """Secure and measured boot of every installed microservice, each independently.
+
+        Args:
+            full: re-parse and re-verify every package even when its sealed boot
+                record shows it unchanged since a full verification.
+        """
         anchors = anchor_map(self.anchors())
         counters = self.counters()
         before = dict(counters)
+        existing = self._load_sealed()
+        sealed = {} if full else existing
+        fresh: dict[str, Sealed] = {}
         entries: list[BootEntry] = []
-        accepted: list[Accepted] = []
+        booted: list[Booted] = []
         for ms in self.installed():
             try:
-                acc = self._boot_one(ms, anchors, counters)
+                result, record = self._boot_one(ms, anchors, counters, sealed.get(ms))
             except IsmError as exc:
                 entries.append(_refused(ms, self.package_path(ms), exc))
                 continue
-            meta = acc.package.meta
-            counters[str(meta.uuid)] = acc.counter
-            accepted.append(acc)
+            fresh[ms] = record
+            counters[str(result.uuid)] = result.sequence
+            booted.append(result)
             entries.append(
                 BootEntry(
-                    str(meta.uuid),
-                    meta.name,
-                    meta.version,
-                    meta.sequence,
-                    acc.package.measurement.hex(),
-                    acc.signer.hex(),
+                    str(result.uuid),
+                    result.name,
+                    result.version,
+                    result.sequence,
+                    result.measurement.hex(),
+                    result.signer.hex(),
                     "booted",
-                    downgraded=acc.downgraded,
+                    downgraded=result.downgraded,
+                    verified=result.verified,
                 )
             )
         if counters != before:
             self._store_counters(counters)
-        return BootReport(self.instance_id.hex(), tuple(entries), tuple(accepted))
+        if fresh != existing:
+            self._store_sealed(fresh)
+        return BootReport(self.instance_id.hex(), tuple(entries), tuple(booted))
 
-    def _boot_one(self, ms: str, anchors: Anchors, counters: dict[str, int]) -> Accepted:
+    def _boot_one(
+        self, ms: str, anchors: Anchors, counters: dict[str, int], sealed: Sealed | None
+    ) -> tuple[Booted, Sealed]:
         dg_path = self._downgrade_path(ms)
         try:
             data = read_capped(self.package_path(ms), MAX_PACKAGE_SIZE)
@@ -378,6 +426,13 @@ class Device:
             raise PlatformError("boot.read", f"cannot read the stored package: {exc.strerror}", subject=ms) from exc
         if len(data) > MAX_PACKAGE_SIZE:
             raise FormatError("package.size", "stored package is larger than the device accepts")
+        if sealed is not None and str(uuidlib.UUID(bytes=sealed.uuid)) == ms:
+            try:
+                check_sealed(sealed, hashlib.sha256(data).digest(), anchors, counters)
+                payload = data[sealed.payload_offset : sealed.payload_offset + sealed.payload_length]
+                return Booted.from_sealed(sealed, payload), sealed
+            except TrustError:
+                pass  # changed, re-anchored or below the counter: verify it in full
         acc = check_package(data, anchors, counters, self.instance_id, downgrade, check_wasm=False)
         if str(acc.package.meta.uuid) != ms:
             raise TrustError(
@@ -386,7 +441,25 @@ class Device:
                 got=str(acc.package.meta.uuid),
                 expected=ms,
             )
-        return acc
+        record = seal(acc, data)
+        return Booted.from_sealed(record, acc.package.payload, verified="full"), record
+
+    def _load_sealed(self) -> dict[str, Sealed]:
+        """Sealed boot records; anything unreadable means none (every package is then verified in full)."""
+        try:
+            data = read_capped(self.root / "state" / "sealed.cose", MAX_STATE_SIZE)
+            msg = cose.parse(data, expect="mac0")
+            cose.verify_mac0(msg, self._state_key)
+            body = cbor.loads(msg.payload or b"")
+            if not isinstance(body, dict) or body.get(1) != FORMAT or not isinstance(body.get(2), dict):
+                return {}
+            return {str(k): Sealed.decode(v) for k, v in body[2].items()}
+        except (OSError, IsmError):
+            return {}
+
+    def _store_sealed(self, records: dict[str, Sealed]) -> None:
+        body = cbor.dumps({1: FORMAT, 2: {k: v.encode() for k, v in records.items()}})
+        atomic_write(self.root / "state" / "sealed.cose", cose.mac0(body, self._state_key), self.faults)
 
     def info(self) -> dict[str, Any]:
         return {

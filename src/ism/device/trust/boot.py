@@ -14,18 +14,22 @@ field: the sequence number is compared only after the signature verified.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ism.crypto import cose
 from ism.crypto import suit as suit_auth
 from ism.crypto.keys import Anchors, PublicKey, anchor_map
-from ism.errors import RollbackError, TrustError, UntrustedSignerError
+from ism.errors import FormatError, RollbackError, TrustError, UntrustedSignerError
 from ism.formats import package, suit, wasm
 from ism.formats.abi import HOST_ABI
 from ism.formats.downgrade import Downgrade
 
-__all__ = ["Accepted", "check_downgrade", "check_package"]
+__all__ = ["Accepted", "Sealed", "check_downgrade", "check_package", "check_sealed", "seal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,104 @@ class Accepted:
     signer: bytes
     counter: int
     downgraded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """What a full secure boot established about one stored package, sealed for later boots.
+
+    A later boot that finds the stored file byte-for-byte identical (same
+    SHA-256), its signer still a trust anchor and its sequence number still at
+    or above the counter may run it without re-parsing and re-verifying (as
+    MCUboot's validate-primary-slot-once does). The device keeps these records
+    under its state MAC; any doubt means a full verification.
+    """
+
+    file_digest: bytes
+    uuid: bytes
+    name: str
+    version: str
+    sequence: int
+    measurement: bytes
+    signer: bytes
+    downgraded: bool
+    payload_offset: int
+    payload_length: int
+
+    def encode(self) -> list[Any]:
+        return [
+            self.file_digest,
+            self.uuid,
+            self.name,
+            self.version,
+            self.sequence,
+            self.measurement,
+            self.signer,
+            self.downgraded,
+            self.payload_offset,
+            self.payload_length,
+        ]
+
+    @classmethod
+    def decode(cls, raw: Any) -> Sealed:
+        if not isinstance(raw, list) or len(raw) != 10:
+            raise FormatError("boot.sealed", "sealed boot record has the wrong shape")
+        digest, uid, name, version, seq, measurement, signer, downgraded, offset, length = raw
+        ok = (
+            isinstance(digest, bytes)
+            and len(digest) == 32
+            and isinstance(uid, bytes)
+            and len(uid) == 16
+            and isinstance(name, str)
+            and isinstance(version, str)
+            and isinstance(measurement, bytes)
+            and len(measurement) == 32
+            and isinstance(signer, bytes)
+            and len(signer) == 32
+            and isinstance(downgraded, bool)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (seq, offset, length))
+        )
+        if not ok:
+            raise FormatError("boot.sealed", "sealed boot record has a field of the wrong type")
+        return cls(digest, uid, name, version, seq, measurement, signer, downgraded, offset, length)
+
+
+def seal(accepted: Accepted, data: bytes) -> Sealed:
+    """The sealed record of a package that passed a full secure boot."""
+    pkg = accepted.package
+    # The payload is the envelope's last member in deterministic encoding; otherwise search for it
+    # (any occurrence holds the same bytes).
+    end = len(data) - len(pkg.payload)
+    offset = end if data.endswith(pkg.payload) else data.find(pkg.payload)
+    meta = pkg.meta
+    return Sealed(
+        hashlib.sha256(data).digest(),
+        meta.uuid.bytes,
+        meta.name,
+        meta.version,
+        meta.sequence,
+        pkg.measurement,
+        accepted.signer,
+        accepted.downgraded,
+        offset,
+        len(pkg.payload),
+    )
+
+
+def check_sealed(sealed: Sealed, file_digest: bytes, anchors: Anchors, counters: dict[str, int]) -> int:
+    """Decides whether a sealed record still vouches for the stored file; returns the counter to keep.
+
+    Raises:
+        TrustError: ``boot.sealed-stale`` — the caller then runs the full check.
+    """
+    if not hmac.compare_digest(sealed.file_digest, file_digest):
+        raise TrustError("boot.sealed-stale", "the stored package changed since it was verified")
+    if sealed.signer not in anchors:
+        raise TrustError("boot.sealed-stale", "the signer is no longer a trust anchor")
+    current = counters.get(str(uuidlib.UUID(bytes=sealed.uuid)))
+    if current is not None and sealed.sequence < current:
+        raise TrustError("boot.sealed-stale", "the sequence number is below the counter")
+    return sealed.sequence
 
 
 def check_downgrade(
