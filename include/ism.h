@@ -19,6 +19,15 @@
 #define ISM_EAGAIN       (-5)
 #define ISM_EIO          (-6)
 #define ISM_EREFUSED     (-7)
+#define ISM_EVERIFY      (-8)
+#define ISM_ENOTFOUND    (-9)
+#define ISM_ESTORAGE     (-10)
+#define ISM_ENOTPERMITTED (-11)
+#define ISM_ECORRUPT     (-12)
+
+#define ISM_STORAGE_WRITE_ONCE           1
+#define ISM_STORAGE_NO_CONFIDENTIALITY   2
+#define ISM_STORAGE_NO_REPLAY_PROTECTION 4
 
 #define ISM_MODE_READ    1
 #define ISM_MODE_WRITE   2
@@ -41,8 +50,26 @@ ISM_IMPORT("caller_id") int32_t ism_caller_id(uint8_t uuid_out[16]);
 ISM_IMPORT("self_id") int32_t ism_self_id(uint8_t uuid_out[16]);
 ISM_IMPORT("random") int32_t ism_random(void *buf, int32_t len);
 ISM_IMPORT("time_ms") int64_t ism_time_ms(void);
-ISM_IMPORT("sign") int32_t ism_sign(const char *key, int32_t key_len, const void *msg, int32_t msg_len,
-                                     void *sig, int32_t sig_cap);
+ISM_IMPORT("key_open") int32_t ism_key_open(const char *name, int32_t name_len);
+ISM_IMPORT("key_sign") int32_t ism_key_sign(int32_t handle, const void *msg, int32_t msg_len, void *sig,
+                                             int32_t sig_cap);
+ISM_IMPORT("key_verify") int32_t ism_key_verify(int32_t handle, const void *msg, int32_t msg_len, const void *sig,
+                                                 int32_t sig_len);
+ISM_IMPORT("key_encrypt") int32_t ism_key_encrypt(int32_t handle, const void *pt, int32_t pt_len, const void *aad,
+                                                   int32_t aad_len, void *out, int32_t out_cap);
+ISM_IMPORT("key_decrypt") int32_t ism_key_decrypt(int32_t handle, const void *in, int32_t in_len, const void *aad,
+                                                   int32_t aad_len, void *out, int32_t out_cap);
+ISM_IMPORT("key_mac") int32_t ism_key_mac(int32_t handle, const void *data, int32_t data_len, void *out,
+                                           int32_t out_cap);
+ISM_IMPORT("key_export_public") int32_t ism_key_export_public(int32_t handle, void *out, int32_t out_cap);
+ISM_IMPORT("key_destroy") int32_t ism_key_destroy(int32_t handle);
+ISM_IMPORT("storage_set") int32_t ism_storage_set(int64_t uid, const void *data, int32_t data_len, int32_t flags);
+ISM_IMPORT("storage_get") int32_t ism_storage_get(int64_t uid, int32_t offset, void *out, int32_t out_cap);
+ISM_IMPORT("storage_info") int32_t ism_storage_info(int64_t uid, uint32_t info_out[2]);
+ISM_IMPORT("storage_remove") int32_t ism_storage_remove(int64_t uid);
+ISM_IMPORT("identity_id") int32_t ism_identity_id(uint8_t id_out[32]);
+ISM_IMPORT("identity_cert") int32_t ism_identity_cert(int32_t handle, void *out, int32_t out_cap);
+ISM_IMPORT("trust_bundle") int32_t ism_trust_bundle(void *out, int32_t out_cap);
 
 /* Exports the supervisor calls (define the ones you need):
  *   int32_t init(void);

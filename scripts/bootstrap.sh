@@ -10,6 +10,8 @@ command -v "$python" >/dev/null 2>&1 || need_apt+=(python3)
 if command -v "$python" >/dev/null 2>&1 && ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need_apt+=(python3-venv)
 fi
+# SoftHSM2: the PKCS#11 token the pkcs11 key-store backend is tested against.
+command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing Debian packages: ${need_apt[*]}"

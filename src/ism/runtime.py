@@ -26,8 +26,15 @@ from ism.formats import wasm
 from ism.formats.board import Board
 from ism.formats.policy import Policy, check_module
 from ism.hypervisor.supervisor import Image, Supervisor
+from ism.services.crypto import CryptoService
+from ism.services.identity import IdentityService
+from ism.services.storage import SecureStorage
+from ism.services.storage_host import StorageService
 
-__all__ = ["Runtime"]
+__all__ = ["STORAGE_KEY_ID", "Runtime"]
+
+#: the device storage key in the key store; per-microservice storage keys are derived from it
+STORAGE_KEY_ID = "device.storage"
 
 
 @dataclass
@@ -41,6 +48,9 @@ class Runtime:
     peripherals: dict[str, Peripheral]
     outbox: Outbox
     supervisor: Supervisor
+    crypto: CryptoService
+    identity: IdentityService
+    storage: SecureStorage
 
     @classmethod
     def start(
@@ -68,8 +78,25 @@ class Runtime:
                 refused.append((image, exc))
                 continue
             images.append(image)
+        keystore = device.keystore()
+        crypto = CryptoService(keystore)
+        registrations = {b.uuid: b.measurement for b in report.accepted}
+        identity = IdentityService(keystore, device.identity_ca(), device.instance_id, registrations, crypto)
+        if identity.ca_der != device.identity_ca():
+            device.store_identity_ca(identity.ca_der)
+        if not keystore.exists(STORAGE_KEY_ID):
+            keystore.generate(STORAGE_KEY_ID, "aes-256")
+        storage = SecureStorage(
+            root / "state" / "storage.sqlite",
+            root / "state" / "storage-root.cose",
+            keystore,
+            STORAGE_KEY_ID,
+            device.state_mac_key,
+            device.faults,
+        )
+        services = {**crypto.calls(), **identity.calls(), **StorageService(storage).calls()}
         supervisor = Supervisor(
-            images, policy.by_uuid, peripherals, outbox.append, device.sign, clock=clock, on_log=on_log
+            images, policy.by_uuid, peripherals, outbox.append, services, clock=clock, on_log=on_log
         )
         for image, error in refused:
             supervisor.record(image, error.rule, error.message, 1, "not started")
@@ -82,8 +109,9 @@ class Runtime:
                 "not started",
             )
         supervisor.start()
-        return cls(device, report, board, policy, peripherals, outbox, supervisor)
+        return cls(device, report, board, policy, peripherals, outbox, supervisor, crypto, identity, storage)
 
     def close(self) -> None:
         self.supervisor.stop()
         self.outbox.close()
+        self.storage.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import wasmtime
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ism.boards.virtual import Peripheral, make_peripherals
+from ism.crypto.keystore.software import SoftwareKeyStore
 from ism.formats import wasm
 from ism.formats.abi import HOST_ABI
 from ism.formats.board import Board, parse_board
 from ism.formats.policy import Policy, check_module, parse_policy
 from ism.hypervisor.supervisor import Image, State, Supervisor
+from ism.services.crypto import CryptoService
 
 TOKEN = Path(__file__).resolve().parents[2] / "examples" / "fingerprint-token"
 TICK = 0.1  # the timer's default period (100 ms)
@@ -84,8 +85,20 @@ IMPORTS: Mapping[str, str] = {
     "self_id": '(import "ism" "self_id" (func $self_id (param i32) (result i32)))',
     "random": '(import "ism" "random" (func $random (param i32 i32) (result i32)))',
     "time_ms": '(import "ism" "time_ms" (func $time_ms (result i64)))',
-    "sign": '(import "ism" "sign" (func $sign (param i32 i32 i32 i32 i32 i32) (result i32)))',
+    "key_open": '(import "ism" "key_open" (func $key_open (param i32 i32) (result i32)))',
+    "key_sign": '(import "ism" "key_sign" (func $key_sign (param i32 i32 i32 i32 i32) (result i32)))',
 }
+
+
+def _import(name: str) -> str:
+    ftype = HOST_ABI[("ism", name)]
+    params = f" (param {' '.join(ftype.params)})" if ftype.params else ""
+    results = f" (result {' '.join(ftype.results)})" if ftype.results else ""
+    return f'(import "ism" "{name}" (func ${name}{params}{results}))'
+
+
+#: every other host function under its own name ($key_encrypt, $storage_get, ...)
+IMPORTS = {**{name: _import(name) for (_, name) in HOST_ABI}, **IMPORTS}
 
 #: $itoa(value, dst) -> length: the signed decimal of value at dst.
 ITOA = """
@@ -326,14 +339,56 @@ class World:
         }
 
 
-def signer(world_keys: dict[str, ec.EllipticCurvePrivateKey], log: list[tuple[str, bytes]]) -> Any:
-    def sign(key: str, message: bytes) -> bytes:
-        log.append((key, message))
-        private = world_keys.setdefault(key, ec.generate_private_key(ec.SECP256R1()))
-        r, s = decode_dss_signature(private.sign(message, ec.ECDSA(hashes.SHA256())))
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+class MemoryKeyFiles:
+    """Sealed key blobs in a dict (the software key store's storage, in memory)."""
 
-    return sign
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def read(self, name: str) -> bytes | None:
+        return self.blobs.get(name)
+
+    def write(self, name: str, data: bytes) -> None:
+        self.blobs[name] = data
+
+    def remove(self, name: str) -> None:
+        self.blobs.pop(name, None)
+
+
+class RecordingKeyStore(SoftwareKeyStore):
+    """A real software key store that also records what it signed: (key name, message)."""
+
+    def __init__(self, log: list[tuple[str, bytes]]) -> None:
+        super().__init__(MemoryKeyFiles(), os.urandom(32))
+        self.log = log
+
+    def sign(self, key_id: str, message: bytes) -> bytes:
+        self.log.append((key_id.rsplit(".", 1)[-1], message))
+        return super().sign(key_id, message)
+
+
+def device_services(
+    log: list[tuple[str, bytes]], storage_dir: Path | None = None
+) -> tuple[dict[str, Any], CryptoService]:
+    """The device services a world runs with: the real crypto service over a recording key store,
+    and (given a directory) the real secure storage."""
+    keystore = RecordingKeyStore(log)
+    crypto = CryptoService(keystore)
+    calls: dict[str, Any] = dict(crypto.calls())
+    if storage_dir is not None:
+        from ism.services.storage import SecureStorage
+        from ism.services.storage_host import StorageService
+
+        keystore.generate("device.storage", "aes-256")
+        storage = SecureStorage(
+            storage_dir / "storage.sqlite",
+            storage_dir / "storage-root.cose",
+            keystore,
+            "device.storage",
+            os.urandom(32),
+        )
+        calls.update(StorageService(storage).calls())
+    return calls, crypto
 
 
 def policy_text(services: Mapping[str, Service]) -> str:
@@ -372,7 +427,7 @@ def build(services: Mapping[str, Service | tuple[str, str]]) -> World:
         policy.by_uuid,
         peripherals,
         record=sink,
-        sign=signer(keys, signed),
+        services=device_services(signed)[0],
         clock=clock,
         wall=clock,
         on_log=lambda name, level, text: logs.append((name, level, text)),

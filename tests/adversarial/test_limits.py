@@ -85,7 +85,7 @@ def test_compiled_module_cache_is_keyed_by_the_code_not_by_a_claimed_measurement
     images = [dataclasses.replace(img, measurement=b"\0" * 32) for img in world.images.values()]
     from ism.hypervisor.supervisor import Supervisor
 
-    sup = Supervisor(images, world.policy.by_uuid, world.peripherals, record=lambda r: 0, sign=lambda k, m: b"")
+    sup = Supervisor(images, world.policy.by_uuid, world.peripherals, record=lambda r: 0)
     sup.start()
     sup.step()
     assert [text for who, _, text in sup.logs if who == "ticker"] == ["tick 1"]

@@ -24,6 +24,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from _malicious import (
@@ -48,16 +49,17 @@ from _malicious import (
     client,
     client_policy,
     compile_wat,
+    device_services,
     gateway_callee,
     module,
     ms_uuid,
-    signer,
     token_board,
     wat_bytes,
 )
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from ism.boards.virtual import Fingerprint, Led, Memory, Uart, make_peripherals
 from ism.errors import FormatError
@@ -333,11 +335,12 @@ LOG_BOMB = attacker(
 )
 
 SIGN_WITH_ANOTHER_KEY = attacker(
-    "log sign",
+    "log key_open key_sign",
     """
     (call $say_n (i32.const 100) (i32.const 8)
-      (call $sign (i32.const 0) (i32.const 12) (i32.const 200) (i32.const 32) (i32.const 300) (i32.const 64)))
-    (drop (call $sign (i32.const 32) (i32.const 10) (i32.const 200) (i32.const 32) (i32.const 300) (i32.const 64)))
+      (call $key_sign (call $key_open (i32.const 0) (i32.const 12))
+        (i32.const 200) (i32.const 32) (i32.const 300) (i32.const 64)))
+    (drop (call $key_open (i32.const 32) (i32.const 10)))
     (i32.const 0)""",
     data="""(data (i32.const 0) "attacker-key") (data (i32.const 32) "device-2fa")
   (data (i32.const 100) "own key ") (data (i32.const 200) "transfer 1000 EUR to mallory")""",
@@ -884,7 +887,7 @@ def test_module_importing_what_the_host_does_not_offer_is_refused(wat_text: str,
 CAPABILITY_CASES = {
     "gateway-call-without-gateway-grant": (gateway_caller("echo.echo"), TIMER, "gateways (imports gateway_call)"),
     "random-without-rng": (RANDOM_WITHOUT_RNG, TIMER, "rng (imports random)"),
-    "sign-without-keys": (SIGN_WITH_ANOTHER_KEY, TIMER, "keys (imports sign)"),
+    "sign-without-keys": (SIGN_WITH_ANOTHER_KEY, TIMER, "keys (imports key_* or identity_cert)"),
     "resource-calls-without-resources": (opener("gpio.led0", 2), "", "resources (imports resource_*)"),
 }
 
@@ -964,7 +967,8 @@ TOKEN_SERVICES = ("biometric", "authenticator", "link", "analytics")
 OTHER_FINGER = bytes(b ^ 0xFF for b in OWNER_FINGER)
 
 
-def test_fingerprint_token_two_factor_flow_survives_misbehaving_analytics() -> None:
+def test_fingerprint_token_two_factor_flow_survives_misbehaving_analytics(tmp_path: Path) -> None:
+    storage_dir = tmp_path
     board = token_board()
     policy = parse_policy((TOKEN / "policy.toml").read_text(), board, "policy.toml")
     clock = FakeClock()
@@ -984,14 +988,14 @@ def test_fingerprint_token_two_factor_flow_survives_misbehaving_analytics() -> N
         records.append(record)
         return len(records)
 
-    keys: dict[str, ec.EllipticCurvePrivateKey] = {}
     signed: list[tuple[str, bytes]] = []
+    calls, crypto = device_services(signed, storage_dir)
     sup = Supervisor(
         images,
         policy.by_uuid,
         peripherals,
         record=sink,
-        sign=signer(keys, signed),
+        services=calls,
         clock=clock,
         wall=clock,
     )
@@ -1012,7 +1016,9 @@ def test_fingerprint_token_two_factor_flow_survives_misbehaving_analytics() -> N
         assert reply[:2] == b"\x43\x00"
         assert len(reply) == 66
         r, s = int.from_bytes(reply[2:34], "big"), int.from_bytes(reply[34:], "big")
-        keys["device-2fa"].public_key().verify(encode_dss_signature(r, s), challenge, ec.ECDSA(hashes.SHA256()))
+        public = load_der_public_key(crypto.public_key(str(policy.by_name["authenticator"].uuid), "device-2fa"))
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(encode_dss_signature(r, s), challenge, ec.ECDSA(hashes.SHA256()))
         assert led.state == 1
 
     sensor.place(OWNER_FINGER)

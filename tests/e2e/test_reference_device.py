@@ -222,7 +222,7 @@ def test_the_token_signs_over_its_uart_and_analytics_is_quarantined(device: Path
         assert re.search(rf"^\s+{name}\s+running\s+faults=0\b", "\n".join(output), flags=re.MULTILINE), output
 
     # the signature verifies with the device key the CLI prints, and only over this challenge
-    pem = ism_ok("device", "key", device, "device-2fa").encode()
+    pem = ism_ok("device", "key", device, "authenticator", "device-2fa").encode()
     assert pem.startswith(b"-----BEGIN PUBLIC KEY-----")
     assert verify_raw(pem, challenge, signature)
     assert not verify_raw(pem, os.urandom(32), signature)
@@ -285,8 +285,8 @@ SENSOR_TWICE = edited(
         pytest.param(
             edited('keys = ["device-2fa"]\n', ""),
             "policy.capability",
-            "keys (imports sign)",
-            id="installed-module-imports-sign-without-a-key",
+            "keys (imports key_* or identity_cert)",
+            id="installed-module-imports-key-calls-without-a-key",
         ),
     ],
 )
@@ -315,12 +315,12 @@ def test_exclusive_refusal_names_the_first_owner(device: Path, tmp_path: Path) -
 
 GREEDY_ANALYTICS = """
 (module
-  (import "ism" "sign" (func $sign (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "ism" "key_open" (func $key_open (param i32 i32) (result i32)))
   (memory (export "memory") 1)
   (data (i32.const 0) "device-2fa")
   (func (export "init") (result i32) (i32.const 0))
   (func (export "tick") (result i32)
-    (call $sign (i32.const 0) (i32.const 10) (i32.const 0) (i32.const 10) (i32.const 64) (i32.const 64))))
+    (call $key_open (i32.const 0) (i32.const 10))))
 """
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ism.formats.abi import ABI_VERSION, ERRORS, GATEWAY_MAX, HOST_ABI, MAX_IO, MODULE
+from ism.formats.abi import ABI_VERSION, ERRORS, GATEWAY_MAX, HOST_ABI, MAX_IO, MODULE, STORAGE_FLAGS
 from ism.formats.board import MODE_BITS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +147,7 @@ def test_header_constants_match_the_library() -> None:
         "ISM_MAX_IO": MAX_IO,
         "ISM_GATEWAY_MAX": GATEWAY_MAX,
         **{f"ISM_MODE_{m.upper()}": bit for m, bit in MODE_BITS.items()},
+        **{f"ISM_STORAGE_{name}": bit for name, bit in STORAGE_FLAGS.items()},
         **ERRORS,
     }
     assert {k: _c_int(v) for k, v in defines.items() if k in expected} == expected

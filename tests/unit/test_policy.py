@@ -13,6 +13,7 @@ from ism.errors import FormatError
 from ism.formats import wasm
 from ism.formats.board import Board, Resource, parse_board
 from ism.formats.policy import (
+    KeyGrant,
     MicroservicePolicy,
     Policy,
     RestartPolicy,
@@ -106,19 +107,22 @@ def test_example_policy_gateways_exports_and_keys(policy: Policy) -> None:
     assert by["biometric"].gateways == frozenset()
     assert by["authenticator"].gateways == frozenset({("biometric", "verify")})
     assert by["authenticator"].exports == frozenset({"sign"})
-    assert by["authenticator"].keys == frozenset({"device-2fa"})
+    assert set(by["authenticator"].keys) == {"device-2fa"}
+    assert by["authenticator"].keys["device-2fa"] == KeyGrant(
+        "ecc-p256", frozenset({"sign", "verify", "export-public"})
+    )
     assert by["link"].gateways == frozenset({("authenticator", "sign"), ("biometric", "enroll")})
     assert by["link"].exports == frozenset()
     assert by["analytics"].gateways == frozenset()
     for name in ("biometric", "link", "analytics"):
-        assert by[name].keys == frozenset()
+        assert dict(by[name].keys) == {}
 
 
 def test_example_policy_limits_and_restart(policy: Policy) -> None:
     for entry in policy.by_name.values():
         assert entry.memory_pages == 2
         assert entry.fuel == 5_000_000
-        assert entry.storage == 0
+        assert entry.storage == (4096 if entry.name == "biometric" else 0)
     assert policy.by_name["biometric"].restart == RestartPolicy()
     assert policy.by_name["analytics"].restart == RestartPolicy("backoff", 3, 60.0, 100, 10_000)
 
@@ -440,7 +444,8 @@ _IMPORTS = {
     "resource_open": "(param i32 i32 i32) (result i32)",
     "resource_read": "(param i32 i32 i32) (result i32)",
     "gateway_call": "(param i32 i32 i32 i32 i32 i32) (result i32)",
-    "sign": "(param i32 i32 i32 i32 i32 i32) (result i32)",
+    "key_open": "(param i32 i32) (result i32)",
+    "storage_get": "(param i64 i32 i32 i32) (result i32)",
     "random": "(param i32 i32) (result i32)",
     "self_id": "(param i32) (result i32)",
 }
@@ -467,7 +472,7 @@ def test_check_module_accepts_modules_that_match_their_policy(policy: Policy) ->
         by["biometric"],
         module("log", "resource_open", "resource_read", exports=GATEWAY_BUFFER + op("enroll") + op("verify")),
     )
-    check_module(by["authenticator"], module("gateway_call", "sign", exports=GATEWAY_BUFFER + op("sign")))
+    check_module(by["authenticator"], module("gateway_call", "key_open", exports=GATEWAY_BUFFER + op("sign")))
     check_module(by["link"], module("resource_open", "gateway_call"))
     check_module(by["analytics"], module("log", "resource_open", "resource_read", "self_id"))
     # extra exports that the policy does not mention are harmless: nobody may call them
@@ -508,9 +513,10 @@ def test_check_module_refuses_a_callee_that_does_not_serve_its_operations(policy
         pytest.param("authenticator", ("resource_open",), "resources", id="resource-without-resources"),
         pytest.param("authenticator", ("resource_read",), "resources", id="resource-read-without-resources"),
         pytest.param("analytics", ("gateway_call",), "gateways", id="gateway-call-without-gateways"),
-        pytest.param("link", ("sign",), "keys", id="sign-without-keys"),
+        pytest.param("link", ("key_open",), "keys", id="key-without-keys"),
+        pytest.param("link", ("storage_get",), "storage", id="storage-without-storage"),
         pytest.param("analytics", ("random",), "rng", id="random-without-rng"),
-        pytest.param("analytics", ("log", "sign", "gateway_call"), "keys", id="several-missing"),
+        pytest.param("analytics", ("log", "key_open", "gateway_call"), "keys", id="several-missing"),
     ],
 )
 def test_check_module_refuses_imports_the_policy_does_not_grant(
@@ -532,7 +538,7 @@ def test_random_is_allowed_with_the_rng_resource(board: Board) -> None:
 
 def test_check_modules_checks_every_named_module_and_ignores_unnamed_ones(policy: Policy) -> None:
     good = module("log")
-    bad = module("sign")
+    bad = module("key_open")
     check_modules(policy, {ANALYTICS: good, uuidlib.UUID(int=7): bad})  # not in the policy: the runtime refuses it
     with pytest.raises(FormatError) as info:
         check_modules(policy, {ANALYTICS: good, LINK: bad})
@@ -578,3 +584,28 @@ def test_lookup_cost_does_not_grow_with_the_policy() -> None:
     t_small = _best_time(small, small_probes)
     t_large = _best_time(large, large_probes)
     assert t_large < 3 * t_small, (t_small, t_large)
+
+
+def test_key_grants_as_a_table_with_type_and_usage(board: Board) -> None:
+    text = edited(
+        'keys = ["device-2fa"]',
+        'keys = { device-2fa = { type = "ecc-p256", usage = ["sign"] }, vault = { type = "aes-256" } }',
+    )
+    keys = parse_policy(text, board).by_name["authenticator"].keys
+    assert keys["device-2fa"] == KeyGrant("ecc-p256", frozenset({"sign"}))
+    assert keys["vault"] == KeyGrant("aes-256", frozenset({"encrypt", "decrypt"}))
+
+
+@pytest.mark.parametrize(
+    "grant",
+    [
+        pytest.param('{ type = "rsa-2048" }', id="unknown-type"),
+        pytest.param('{ type = "aes-256", usage = ["sign"] }', id="usage-not-for-type"),
+        pytest.param("{ usage = [] }", id="empty-usage"),
+        pytest.param('{ type = "ecc-p256", colour = "red" }', id="unknown-field"),
+    ],
+)
+def test_bad_key_grants_are_refused(board: Board, grant: str) -> None:
+    with pytest.raises(FormatError) as info:
+        parse_policy(edited('keys = ["device-2fa"]', f"keys = {{ device-2fa = {grant} }}"), board)
+    assert info.value.rule == "policy.key-grant"

@@ -3,7 +3,11 @@
 ;; the gateway biometric.verify, that the finger on the sensor is the enrolled
 ;; one. It never sees the sensor or the template.
 ;;
-;; Host ABI: gateway_call, sign.
+;; The key lives in the crypto service: it is opened once at init (created on
+;; first open, as the policy's key grant says) and used through an opaque
+;; handle; the private key never enters this module.
+;;
+;; Host ABI: gateway_call, key_open, key_sign.
 ;; Exports: memory, init, gateway_buffer, op_sign.
 ;;
 ;; op_sign(challenge[32]) replies, in the gateway buffer:
@@ -14,8 +18,10 @@
 (module
   (import "ism" "gateway_call"
     (func $gateway_call (param i32 i32 i32 i32 i32 i32) (result i32)))
-  (import "ism" "sign"
-    (func $sign (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "ism" "key_open"
+    (func $key_open (param i32 i32) (result i32)))
+  (import "ism" "key_sign"
+    (func $key_sign (param i32 i32 i32 i32 i32) (result i32)))
 
   (memory (export "memory") 1)
 
@@ -37,6 +43,7 @@
   (global $GW i32 (i32.const 1024))
 
   (global $CHALLENGE_LEN i32 (i32.const 32))
+  (global $key (mut i32) (i32.const 0))
   (global $SIG_LEN i32 (i32.const 64))
 
   (func $reply (param $status i32) (result i32)
@@ -46,8 +53,10 @@
   (func (export "gateway_buffer") (result i32)
     (global.get $GW))
 
+  ;; Opens the 2FA key: a negative result (e.g. the key store is unavailable) fails the start.
   (func (export "init") (result i32)
-    (i32.const 0))
+    (global.set $key (call $key_open (global.get $KEY) (global.get $KEY_LEN)))
+    (select (i32.const 0) (global.get $key) (i32.gt_s (global.get $key) (i32.const 0))))
 
   ;; Gateway operation "sign".
   (func (export "op_sign") (param $req i32) (param $len i32) (result i32)
@@ -73,8 +82,8 @@
       (then
         ;; Match: sign the challenge straight into the reply, after the status byte.
         (local.set $n
-          (call $sign
-            (global.get $KEY) (global.get $KEY_LEN)
+          (call $key_sign
+            (global.get $key)
             (global.get $CHALLENGE) (global.get $CHALLENGE_LEN)
             (i32.add (global.get $GW) (i32.const 1)) (global.get $SIG_LEN)))
         (if (i32.ne (local.get $n) (global.get $SIG_LEN))

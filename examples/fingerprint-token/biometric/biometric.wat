@@ -1,9 +1,11 @@
 ;; biometric: the only microservice that can touch the fingerprint sensor.
-;; It enrols one finger (keeps its 64-byte template in its own memory) and
-;; answers "does the finger on the sensor match?" for the gateway callers the
-;; policy names; the template never leaves this module.
+;; It enrols one finger and keeps its 64-byte template in its own secure
+;; storage (record uid 1: encrypted under a key only biometric's namespace
+;; derives, bound to its UUID, replay-protected), so the template survives
+;; restarts and reboots; it answers "does the finger on the sensor match?" for
+;; the gateway callers the policy names. The template never leaves biometric.
 ;;
-;; Host ABI: resource_open, resource_read.
+;; Host ABI: resource_open, resource_read, storage_get, storage_set.
 ;; Exports: memory, init, gateway_buffer, op_enroll, op_verify.
 ;;
 ;; Reply (one byte, written at the start of the gateway buffer):
@@ -14,6 +16,8 @@
 (module
   (import "ism" "resource_open" (func $resource_open (param i32 i32 i32) (result i32)))
   (import "ism" "resource_read" (func $resource_read (param i32 i32 i32) (result i32)))
+  (import "ism" "storage_get" (func $storage_get (param i64 i32 i32 i32) (result i32)))
+  (import "ism" "storage_set" (func $storage_set (param i64 i32 i32 i32) (result i32)))
 
   (memory (export "memory") 1)
 
@@ -36,7 +40,14 @@
   (global $MAX_DISTANCE i32 (i32.const 24))
 
   (global $sensor (mut i32) (i32.const -1))
-  (global $enrolled (mut i32) (i32.const 0))
+  ;; Storage record holding the enrolled template.
+  (global $TEMPLATE_UID i64 (i64.const 1))
+
+  ;; Loads the template from storage into $TEMPLATE; 1 when a full template is enrolled.
+  (func $load_template (result i32)
+    (i32.eq
+      (call $storage_get (global.get $TEMPLATE_UID) (i32.const 0) (global.get $TEMPLATE) (global.get $SCAN_BYTES))
+      (global.get $SCAN_BYTES)))
 
   ;; Writes the one-byte reply `status` into the gateway buffer; returns its length.
   (func $reply (param $status i32) (result i32)
@@ -58,7 +69,7 @@
   ;; Gateway operation "enroll": scans the finger on the sensor as the template.
   (func (export "op_enroll") (param $req i32) (param $len i32) (result i32)
     (local $n i32)
-    (if (global.get $enrolled)
+    (if (call $load_template)
       (then (return (call $reply (i32.const 3)))))
     (local.set $n
       (call $resource_read (global.get $sensor) (global.get $TEMPLATE) (global.get $SCAN_BYTES)))
@@ -68,7 +79,11 @@
       (then (return (local.get $n))))
     (if (i32.ne (local.get $n) (global.get $SCAN_BYTES))
       (then (return (i32.const -1))))
-    (global.set $enrolled (i32.const 1))
+    ;; Keep the template in secure storage; a storage error is returned as is.
+    (local.set $n
+      (call $storage_set (global.get $TEMPLATE_UID) (global.get $TEMPLATE) (global.get $SCAN_BYTES) (i32.const 0)))
+    (if (i32.lt_s (local.get $n) (i32.const 0))
+      (then (return (local.get $n))))
     (call $reply (i32.const 0)))
 
   ;; Gateway operation "verify": scans the finger and compares it with the
@@ -77,7 +92,7 @@
     (local $n i32)
     (local $off i32)
     (local $distance i64)
-    (if (i32.eqz (global.get $enrolled))
+    (if (i32.eqz (call $load_template))
       (then (return (call $reply (i32.const 3)))))
     (local.set $n
       (call $resource_read (global.get $sensor) (global.get $SCAN) (global.get $SCAN_BYTES)))

@@ -48,6 +48,13 @@ def _flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _pem(der: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_der_public_key(der)
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def _verify(pem: bytes, challenge: bytes, raw: bytes) -> bool:
     key = load_pem_public_key(pem)
     assert isinstance(key, ec.EllipticCurvePublicKey)
@@ -124,7 +131,9 @@ def run_demo(examples: Path, out: Path) -> None:
         sensor, uart = runtime.peripherals["spi.fingerprint"], runtime.peripherals["uart.host"]
         assert isinstance(sensor, Fingerprint)
         assert isinstance(uart, Uart)
-        public = runtime.device.public_key("device-2fa")
+        authenticator = runtime.policy.by_name["authenticator"].uuid
+        sup.run(0.05)
+        public = _pem(runtime.crypto.public_key(str(authenticator), "device-2fa"))
         owner, stranger = os.urandom(64), os.urandom(64)
         sensor.place(owner)
         print(f"host -> 'E' (enrol the owner's finger)      <- {_exchange(runtime, uart, b'E').hex()}")

@@ -282,8 +282,25 @@ def cmd_device_configure(args: argparse.Namespace) -> None:
 
 
 def cmd_device_key(args: argparse.Namespace) -> None:
-    pem = Device(args.dir).public_key(args.name).decode()
-    _emit(args, {"name": args.name, "public_pem": pem}, pem.rstrip())
+    from cryptography.hazmat.primitives import serialization
+
+    from ism.services.crypto import key_store_id
+
+    dev = Device(args.dir)
+    entry = dev.policy().by_name.get(args.microservice)
+    ms_uuid = str(entry.uuid) if entry is not None else args.microservice
+    try:
+        der = dev.keystore().public_key(key_store_id(str(uuidlib.UUID(ms_uuid)), args.key))
+    except ValueError:
+        raise UsageError(
+            "cli.argument", "name a microservice of the policy, or a UUID", got=args.microservice
+        ) from None
+    pem = (
+        serialization.load_der_public_key(der)
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    _emit(args, {"microservice": ms_uuid, "key": args.key, "public_pem": pem}, pem.rstrip())
 
 
 def _print_records(records: list[dict[str, Any]]) -> None:
@@ -453,9 +470,10 @@ def _parser() -> argparse.ArgumentParser:
     vio = add(dev, "violations", cmd_device_violations, "list the violation records in the device's outbox")
     vio.add_argument("dir", type=Path)
     vio.add_argument("--all", action="store_true", help="include records the store acknowledged")
-    key = add(dev, "key", cmd_device_key, "print the public key of a named device key")
+    key = add(dev, "key", cmd_device_key, "print the public key of a microservice's key (crypto service)")
     key.add_argument("dir", type=Path)
-    key.add_argument("name")
+    key.add_argument("microservice", help="microservice name (from the policy) or UUID")
+    key.add_argument("key", help="key name (as granted in the policy)")
 
     dm = add(sub, "demo", cmd_demo, "run the demonstration story", json_opt=False)
     dm.add_argument("--examples", type=Path, default=Path("build/examples"), help="built example modules")

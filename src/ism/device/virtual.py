@@ -16,6 +16,9 @@ Layout::
     DIR/device.json                 format, instance ID (UEID), key-store backend
     DIR/keys/device.pem, .pub.pem   device key pair (0600 private)
     DIR/keys/state.key              MAC key for state files (0600)
+    DIR/keys/root.key               root key of the software key store (0600)
+    DIR/keys/store/<key-id>.key     keys sealed under the root key (software key store)
+    DIR/keys/identity-ca.der        the device identity CA certificate
     DIR/trust/<signer-id>.pem       trust anchors for microservice signers
     DIR/state/rollback.cose         COSE_Mac0 over the anti-rollback counters
     DIR/state/sealed.cose           COSE_Mac0 over sealed boot records (validate-once, see trust.boot.Sealed)
@@ -29,16 +32,11 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import secrets
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ism.crypto import cose
 from ism.crypto.keys import (
@@ -46,12 +44,13 @@ from ism.crypto.keys import (
     PublicKey,
     anchor_map,
     generate,
-    load_private,
     public_pem,
     read_public_pem,
     signer_id,
     write_keypair,
 )
+from ism.crypto.keystore import KeyStore
+from ism.crypto.keystore.software import SoftwareKeyStore
 from ism.device._atomic import Faults, atomic_remove, atomic_write, read_capped, recover
 from ism.device.outbox import Outbox
 from ism.device.trust.boot import Accepted, Sealed, check_package, check_sealed, seal
@@ -68,7 +67,6 @@ MAX_PACKAGE_SIZE: Final = 16 * 1024 * 1024
 MAX_AUTH_SIZE: Final = 4096
 MAX_STATE_SIZE: Final = 1024 * 1024
 UEID_RAND: Final = 0x01
-_KEY_NAME: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +151,27 @@ class BootReport:
         }
 
 
+class _KeyDir:
+    """Sealed key blobs as files in one directory, written atomically (the software key store's KeyFiles)."""
+
+    def __init__(self, path: Path, faults: Faults) -> None:
+        self.path = path
+        self.faults = faults
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return read_capped(self.path / f"{name}.key", 64 * 1024)
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(self.path / f"{name}.key", data, self.faults, mode=0o600)
+
+    def remove(self, name: str) -> None:
+        atomic_remove(self.path / f"{name}.key", self.faults)
+
+
 class Device:
     """An initialised virtual device directory.
 
@@ -172,8 +191,10 @@ class Device:
         if not cfg_path.is_file():
             raise UsageError("device.missing", "not an initialised device directory", subject=str(root))
         recover(root)
+        self._keystore: KeyStore | None = None
         try:
             cfg = json.loads(read_capped(cfg_path, 64 * 1024))
+            self._config = cfg if isinstance(cfg, dict) else {}
             self.instance_id = bytes.fromhex(cfg["instance_id"])
             if cfg["format"] != FORMAT:
                 raise ValueError("format")
@@ -205,8 +226,9 @@ class Device:
         atomic_write(root / "device.json", json.dumps(dev_cfg, indent=2).encode() + b"\n", faults)
         return cls(root, faults)
 
-    @staticmethod
-    def _read_secret(path: Path) -> bytes:
+    def _read_secret(self, path: Path, create: bool = False) -> bytes:
+        if create and not path.exists():
+            atomic_write(path, secrets.token_bytes(32), self.faults, mode=0o600)
         try:
             data = read_capped(path, 64)
         except OSError as exc:
@@ -338,33 +360,41 @@ class Device:
         except (OSError, UnicodeDecodeError) as exc:
             raise StateCorruptError("state.config", f"{name} is unreadable", subject=str(path)) from exc
 
-    # -- device keys (minimal signing hook until the crypto service) --------------------------------
+    # -- the key store (HSM platform abstraction) ------------------------------------------------
 
-    def sign(self, name: str, message: bytes) -> bytes:
-        """ECDSA P-256 / SHA-256 with the named device key (created on first use); raw r||s."""
-        key = self._named_key(name)
-        r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    def keystore(self) -> KeyStore:
+        """The device's key store, as configured in device.json (``software`` unless set otherwise)."""
+        if self._keystore is None:
+            cfg = self._config.get("keystore", "software")
+            if cfg == "software":
+                root = self._read_secret(self.root / "keys" / "root.key", create=True)
+                self._keystore = SoftwareKeyStore(_KeyDir(self.root / "keys" / "store", self.faults), root)
+            elif cfg == "pkcs11":
+                from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
 
-    def public_key(self, name: str) -> bytes:
-        """PEM of the named device key's public half."""
-        return public_pem(self._named_key(name))
+                p11 = self._config.get("pkcs11", {})
+                try:
+                    pin = Path(p11["pin_file"]).read_text().strip()
+                    self._keystore = Pkcs11KeyStore(p11["module"], p11["token"], pin)
+                except (KeyError, TypeError, OSError) as exc:
+                    raise StateCorruptError(
+                        "state.config", f"pkcs11 key store configuration unusable: {exc}", subject=str(self.root)
+                    ) from exc
+            else:
+                raise StateCorruptError("state.config", "unknown key store backend", got=cfg)
+        return self._keystore
 
-    def _named_key(self, name: str) -> ec.EllipticCurvePrivateKey:
-        if not _KEY_NAME.match(name):
-            raise UsageError("device.key-name", "key names are lower-case identifiers", got=name)
-        path = self.root / "keys" / "ms" / f"{name}.pem"
-        if not path.exists():
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            new = ec.generate_private_key(ec.SECP256R1())
-            pem = new.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            atomic_write(path, pem, self.faults, mode=0o600)
-        key = load_private(path)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise StateCorruptError("state.device-key", "device key has the wrong type", subject=str(path))
-        return key
+    @property
+    def state_mac_key(self) -> bytes:
+        """The key that MACs the device's state files (for services that seal state of their own)."""
+        return self._state_key
+
+    def identity_ca(self) -> bytes | None:
+        path = self.root / "keys" / "identity-ca.der"
+        return path.read_bytes() if path.is_file() else None
+
+    def store_identity_ca(self, der: bytes) -> None:
+        atomic_write(self.root / "keys" / "identity-ca.der", der, self.faults)
 
     def outbox(self) -> Outbox:
         return Outbox(self.root / "state" / "outbox.sqlite")

@@ -30,6 +30,7 @@ __all__ = [
     "INIT_EXPORT",
     "MAX_IO",
     "MODULE",
+    "STORAGE_FLAGS",
     "TICK_EXPORT",
 ]
 
@@ -57,6 +58,18 @@ ERRORS: Final[Mapping[str, int]] = {
     "ISM_EAGAIN": -5,  # no data yet (try again on the next event)
     "ISM_EIO": -6,  # the peripheral failed
     "ISM_EREFUSED": -7,  # the callee answered with an error of its own
+    "ISM_EVERIFY": -8,  # a signature, MAC or ciphertext does not verify (one code for all)
+    "ISM_ENOTFOUND": -9,  # no such storage record
+    "ISM_ESTORAGE": -10,  # the storage quota would be exceeded
+    "ISM_ENOTPERMITTED": -11,  # a write-once record cannot be changed or removed
+    "ISM_ECORRUPT": -12,  # stored data failed its integrity or freshness check
+}
+
+#: PSA Protected Storage flags of ``storage_set``.
+STORAGE_FLAGS: Final[Mapping[str, int]] = {
+    "WRITE_ONCE": 1,
+    "NO_CONFIDENTIALITY": 2,
+    "NO_REPLAY_PROTECTION": 4,
 }
 
 _I32 = "i32"
@@ -78,6 +91,22 @@ HOST_ABI: Final[Mapping[tuple[str, str], FuncType]] = {
     (MODULE, "self_id"): _f(1),  # buf_ptr (16 bytes) -> 0
     (MODULE, "random"): _f(2),  # buf_ptr, len -> 0 (needs the "rng" resource)
     (MODULE, "time_ms"): FuncType((), ("i64",)),
-    # Minimal signing hook until the crypto service lands: ECDSA P-256 / SHA-256, raw r||s.
-    (MODULE, "sign"): _f(6),  # key_ptr, key_len, msg_ptr, msg_len, sig_ptr, sig_cap -> 64 | error
+    # crypto service (PSA Crypto semantics): keys named in the policy, used through opaque handles
+    (MODULE, "key_open"): _f(2),  # name_ptr, name_len -> handle (the key is created on first open)
+    (MODULE, "key_sign"): _f(5),  # handle, msg, msg_len, sig, sig_cap -> 64
+    (MODULE, "key_verify"): _f(5),  # handle, msg, msg_len, sig, sig_len -> 0 | ISM_EVERIFY
+    (MODULE, "key_encrypt"): _f(7),  # handle, pt, pt_len, aad, aad_len, out, out_cap -> n (nonce||ct||tag)
+    (MODULE, "key_decrypt"): _f(7),  # handle, in, in_len, aad, aad_len, out, out_cap -> n | ISM_EVERIFY
+    (MODULE, "key_mac"): _f(5),  # handle, data, data_len, out, out_cap -> 32
+    (MODULE, "key_export_public"): _f(3),  # handle, out, out_cap -> n (SubjectPublicKeyInfo DER)
+    (MODULE, "key_destroy"): _f(1),  # handle -> 0
+    # secure storage service (PSA Protected Storage semantics)
+    (MODULE, "storage_set"): FuncType(("i64", "i32", "i32", "i32"), ("i32",)),  # uid, ptr, len, flags
+    (MODULE, "storage_get"): FuncType(("i64", "i32", "i32", "i32"), ("i32",)),  # uid, offset, ptr, cap
+    (MODULE, "storage_info"): FuncType(("i64", "i32"), ("i32",)),  # uid, out (size u32, flags u32)
+    (MODULE, "storage_remove"): FuncType(("i64",), ("i32",)),  # uid
+    # identity service (the workload API)
+    (MODULE, "identity_id"): _f(1),  # out (32 bytes): this instance's ID
+    (MODULE, "identity_cert"): _f(3),  # key handle, out, out_cap -> n (X.509 DER, issued by the device CA)
+    (MODULE, "trust_bundle"): _f(2),  # out, out_cap -> n (the device identity CA certificate, DER)
 }

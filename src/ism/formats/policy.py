@@ -25,7 +25,7 @@ Example::
     [microservice.authenticator]
     uuid = "..."
     gateways = ["biometric.verify"]
-    keys = ["device-2fa"]
+    keys = { device-2fa = { type = "ecc-p256", usage = ["sign", "export-public"] } }
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from ism.formats.wasm import WasmModule
 
 __all__ = [
     "GATEWAY_EXPORT_PREFIX",
+    "KeyGrant",
     "MicroservicePolicy",
     "Policy",
     "RestartPolicy",
@@ -78,6 +79,20 @@ WASM_PAGE: Final = 65536
 
 # Which host functions need which capability (static check at install).
 _NEEDS_RESOURCE: Final = frozenset({"resource_open", "resource_read", "resource_write", "resource_control"})
+_NEEDS_KEYS: Final = frozenset(
+    {
+        "key_open",
+        "key_sign",
+        "key_verify",
+        "key_encrypt",
+        "key_decrypt",
+        "key_mac",
+        "key_export_public",
+        "key_destroy",
+        "identity_cert",
+    }
+)
+_NEEDS_STORAGE: Final = frozenset({"storage_set", "storage_get", "storage_info", "storage_remove"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +104,28 @@ class RestartPolicy:
     window: float = 60.0
     backoff_ms: int = 100
     max_backoff_ms: int = 10_000
+
+
+KEY_TYPES: Final = ("ecc-p256", "aes-256", "hmac-sha256")
+KEY_USAGES: Final = frozenset({"sign", "verify", "encrypt", "decrypt", "mac", "export-public"})
+_DEFAULT_USAGE: Final = {
+    "ecc-p256": frozenset({"sign", "verify", "export-public"}),
+    "aes-256": frozenset({"encrypt", "decrypt"}),
+    "hmac-sha256": frozenset({"mac"}),
+}
+_USAGE_FOR_TYPE: Final = {
+    "ecc-p256": frozenset({"sign", "verify", "export-public"}),
+    "aes-256": frozenset({"encrypt", "decrypt"}),
+    "hmac-sha256": frozenset({"mac"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """A key a microservice may create and use: its type and the operations allowed on it."""
+
+    type: str = "ecc-p256"
+    usage: frozenset[str] = field(default_factory=lambda: _DEFAULT_USAGE["ecc-p256"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +140,7 @@ class MicroservicePolicy:
     gateways: frozenset[tuple[str, str]] = frozenset()
     #: operations this microservice offers to callers
     exports: frozenset[str] = frozenset()
-    keys: frozenset[str] = frozenset()
+    keys: Mapping[str, KeyGrant] = field(default_factory=dict)
     storage: int = 0
     memory_pages: int = 2
     fuel: int = 5_000_000
@@ -182,6 +219,38 @@ def _string_list(value: Any, pattern: re.Pattern[str], rule: str, source: str, k
     if len(set(value)) != len(value):
         raise _err(rule, "lists an entry twice", source, key, value)
     return value
+
+
+def _key_grants(raw: Any, source: str, key: str) -> dict[str, KeyGrant]:
+    """``keys = ["name", ...]`` (P-256 signing keys) or ``keys = { name = { type, usage } }``."""
+    if isinstance(raw, list):
+        return {name: KeyGrant() for name in _string_list(raw, _KEY_RE, "policy.key-grant", source, key)}
+    if not isinstance(raw, dict):
+        raise _err("policy.key-grant", "must be a list of key names or a table of key grants", source, key)
+    out: dict[str, KeyGrant] = {}
+    for name, spec in raw.items():
+        where = f"{key}.{name}"
+        if not isinstance(name, str) or not _KEY_RE.match(name):
+            raise _err("policy.key-grant", "key names are lower-case identifiers", source, where)
+        if not isinstance(spec, dict) or set(spec) - {"type", "usage"}:
+            raise _err("policy.key-grant", "a key grant is a table with type and usage", source, where)
+        ktype = spec.get("type", "ecc-p256")
+        if ktype not in KEY_TYPES:
+            raise _err("policy.key-grant", f"type must be one of {list(KEY_TYPES)}", source, f"{where}.type", ktype)
+        usage_raw = spec.get("usage", sorted(_DEFAULT_USAGE[ktype]))
+        if not isinstance(usage_raw, list) or not all(isinstance(u, str) for u in usage_raw):
+            raise _err("policy.key-grant", "usage must be a list", source, f"{where}.usage")
+        usage = frozenset(usage_raw)
+        if not usage or not usage <= _USAGE_FOR_TYPE[ktype]:
+            raise _err(
+                "policy.key-grant",
+                f"a {ktype} key allows usage {sorted(_USAGE_FOR_TYPE[ktype])}",
+                source,
+                f"{where}.usage",
+                sorted(usage),
+            )
+        out[name] = KeyGrant(ktype, usage)
+    return out
 
 
 def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy:
@@ -290,13 +359,13 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
             callee, op = target.split(".", 1)
             pending_gateways.append((name, callee, op, f"{key}.gateways"))
         exports = _string_list(spec.get("exports", []), _OP_RE, "policy.export", source, f"{key}.exports")
-        keys = _string_list(spec.get("keys", []), _KEY_RE, "policy.key-grant", source, f"{key}.keys")
+        keys = _key_grants(spec.get("keys", {}), source, f"{key}.keys")
         entry = MicroservicePolicy(
             name=name,
             uuid=ms_uuid,
             resources=resources,
             exports=frozenset(exports),
-            keys=frozenset(keys),
+            keys=keys,
             storage=_uint(spec.get("storage", d_storage), 0, 1 << 32, "policy.limits", source, f"{key}.storage"),
             memory_pages=_uint(
                 spec.get("memory_pages", d_pages), 1, 65536, "policy.limits", source, f"{key}.memory_pages"
@@ -362,8 +431,10 @@ def check_module(entry: MicroservicePolicy, module: WasmModule) -> None:
         needs.append("resources (imports resource_*)")
     if "gateway_call" in imported and not entry.gateways:
         needs.append("gateways (imports gateway_call)")
-    if "sign" in imported and not entry.keys:
-        needs.append("keys (imports sign)")
+    if imported & _NEEDS_KEYS and not entry.keys:
+        needs.append("keys (imports key_* or identity_cert)")
+    if imported & _NEEDS_STORAGE and not entry.storage:
+        needs.append("storage (imports storage_*)")
     if "random" in imported and "rng" not in entry.resources:
         needs.append("rng (imports random)")
     if needs:

@@ -5,6 +5,9 @@ for one microservice, bound to its sandbox. The caller's identity is the
 microservice the functions were built for: no argument can claim another.
 Must not import: services, agent, store, cli.
 
+The services layer adds its host functions (crypto, storage, identity)
+through :attr:`Supervisor.services`; they are bound here the same way.
+
 Threat: a microservice reaching a resource, key or gateway it was not
 granted, passing pointers outside its memory, or forging handles. Policy
 lookups are O(1) (dictionary and bit mask); handles are indices into a
@@ -34,11 +37,10 @@ if TYPE_CHECKING:
 __all__ = ["Handle", "host_functions", "wasm_functype"]
 
 READ, WRITE, CONTROL = MODE_BITS["read"], MODE_BITS["write"], MODE_BITS["control"]
-EINVAL, ETOOBIG = ERRORS["ISM_EINVAL"], ERRORS["ISM_ETOOBIG"]
+EINVAL = ERRORS["ISM_EINVAL"]
 MAX_NAME: Final = 64
 MAX_LOG: Final = 1024
 MAX_HANDLES: Final = 64
-SIGNATURE_SIZE: Final = 64
 
 
 @dataclass(slots=True)
@@ -63,6 +65,15 @@ def _text(raw: bytes, what: str) -> str:
         return raw.decode("ascii")
     except UnicodeDecodeError:
         raise Violation("abi.name", f"{what} is not ASCII") from None
+
+
+def _bind(call: Callable[..., int], ms: Microservice, sb: Sandbox) -> Callable[..., int]:
+    """A service's host function, bound to the calling microservice and its sandbox."""
+
+    def bound(*args: int) -> int:
+        return call(ms, sb, *args)
+
+    return bound
 
 
 def host_functions(
@@ -155,19 +166,6 @@ def host_functions(
         def time_ms() -> int:
             return int((sup.clock() - sup.started) * 1000)
 
-        def sign(kp: int, kl: int, mp: int, ml: int, sp: int, sc: int) -> int:
-            if kl & 0xFFFFFFFF > MAX_NAME:
-                raise Violation("abi.bounds", "key name longer than 64 bytes")
-            key = _text(sb.read(kp, kl, "key name"), "key name")
-            if key not in policy.keys:
-                raise Violation("policy.key", f"key {key} is not granted", subject=key)
-            message = sb.read(mp, ml, "message")
-            sb.check_span(sp, sc, "signature buffer")
-            if sc & 0xFFFFFFFF < SIGNATURE_SIZE:
-                return ETOOBIG
-            sb.write(sp, sup.sign(key, message), "signature buffer")
-            return SIGNATURE_SIZE
-
         funcs: dict[str, Callable[..., Any]] = {
             "log": log,
             "resource_open": resource_open,
@@ -179,8 +177,9 @@ def host_functions(
             "self_id": self_id,
             "random": random,
             "time_ms": time_ms,
-            "sign": sign,
         }
+        for name, call in sup.services.items():
+            funcs[name] = _bind(call, ms, sb)
         types = sup.functypes(ms.engine)
         # Only what the module imports: fewer definitions, faster start (imports were checked at install).
         return {name: (types[name], fn) for name, fn in funcs.items() if name in ms.imports}

@@ -101,6 +101,8 @@ class Microservice:
     gateway_buffer: int | None = None
     last_rule: str | None = None
     imports: frozenset[str] = frozenset()
+    #: per-start state of the services (e.g. crypto handles); cleared on every (re)start
+    scratch: dict[str, Any] = field(default_factory=dict)
     logs: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=MAX_LOG_LINES_PER_MS))
     log_budget: int = 0
     log_dropped: int = 0
@@ -122,7 +124,8 @@ class Supervisor:
         policies: the compiled policy entry of each (by UUID); others do not run.
         peripherals: the board's peripherals by logical resource name.
         record: durable sink for violation records (returns the record id).
-        sign: signs with a named device key (the minimal signing hook).
+        services: extra host functions by ABI name (crypto, storage, identity), each called as
+            ``call(microservice, sandbox, *args)``.
         clock: monotonic seconds (injectable for tests).
         wall: wall-clock seconds for records.
         on_log: receives (microservice name, level, text) for every log line.
@@ -134,14 +137,14 @@ class Supervisor:
         policies: Mapping[uuidlib.UUID, MicroservicePolicy],
         peripherals: Mapping[str, Peripheral],
         record: Callable[[dict[str, Any]], int],
-        sign: Callable[[str, bytes], bytes],
+        services: Mapping[str, Callable[..., int]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         on_log: Callable[[str, int, str], None] | None = None,
     ) -> None:
         self.peripherals = peripherals
         self._sink = record
-        self.sign = sign
+        self.services = dict(services or {})
         self.clock = clock
         self.wall = wall
         self.on_log = on_log
@@ -193,6 +196,7 @@ class Supervisor:
     def _start(self, ms: Microservice) -> None:
         ms.handles.clear()
         ms.callers.clear()
+        ms.scratch.clear()
         ms.gateway_buffer = None
         try:
             ms.sandbox = Sandbox(

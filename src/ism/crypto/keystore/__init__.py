@@ -1,0 +1,84 @@
+"""The HSM platform abstraction: a narrow key-store interface and its backends.
+
+Owns: the :class:`KeyStore` protocol every backend implements, the key types
+and the key-id rule. Backends: ``software`` (:mod:`.software`, the default:
+keys wrapped under the device root key in the device directory) and
+``pkcs11`` (:mod:`.pkcs11`, a real token through PKCS#11; tested against
+SoftHSM2).
+Must not import: device, hypervisor or anything above.
+
+Threat: private keys leaving the key store. The interface has no operation
+that returns private or secret key material: callers sign, verify, encrypt,
+decrypt, MAC and derive *by key id*; only public keys can be exported.
+Every decrypt/MAC failure raises :class:`~ism.errors.SignatureError` (one
+code, no oracle).
+
+Operations (all by key id):
+
+================  ===============================================================
+generate          create a new key of a type (``ecc-p256``, ``aes-256``, ``hmac-sha256``)
+import_key        store key material the caller provides (it is not readable again)
+sign / verify     ECDSA P-256 over SHA-256(message); signatures are raw r||s (64 bytes)
+encrypt/decrypt   AES-256-GCM with a 12-byte nonce and associated data
+mac               HMAC-SHA-256
+derive            HKDF-SHA-256 from an ``hmac-sha256`` or ``aes-256`` key into a new stored key
+destroy           delete a key (crypto-erase of what it protected)
+public_key        the SubjectPublicKeyInfo DER of an ``ecc-p256`` key
+================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal, Protocol, get_args
+
+from ism.errors import UsageError
+
+__all__ = ["KEY_TYPES", "KeyStore", "KeyType", "check_key_id"]
+
+KeyType = Literal["ecc-p256", "aes-256", "hmac-sha256"]
+KEY_TYPES: Final[tuple[str, ...]] = get_args(KeyType)
+_KEY_ID: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}\Z")
+
+
+def check_key_id(key_id: str) -> str:
+    """Key ids are short lower-case identifiers (they name files and token objects)."""
+    if not isinstance(key_id, str) or not _KEY_ID.match(key_id) or ".." in key_id:
+        raise UsageError("keystore.key-id", "key ids are lower-case letters, digits, '.', '_' and '-'", got=key_id)
+    return key_id
+
+
+def check_key_type(key_type: str) -> KeyType:
+    if key_type not in KEY_TYPES:
+        raise UsageError("keystore.key-type", f"key type must be one of {list(KEY_TYPES)}", got=key_type)
+    return key_type  # type: ignore[return-value]
+
+
+class KeyStore(Protocol):
+    """What every key-store backend offers. No method returns private or secret material."""
+
+    backend: str
+
+    def generate(self, key_id: str, key_type: KeyType) -> None: ...
+
+    def import_key(self, key_id: str, key_type: KeyType, material: bytes) -> None: ...
+
+    def exists(self, key_id: str) -> bool: ...
+
+    def key_type(self, key_id: str) -> KeyType: ...
+
+    def destroy(self, key_id: str) -> None: ...
+
+    def public_key(self, key_id: str) -> bytes: ...
+
+    def sign(self, key_id: str, message: bytes) -> bytes: ...
+
+    def verify(self, key_id: str, message: bytes, signature: bytes) -> None: ...
+
+    def encrypt(self, key_id: str, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes: ...
+
+    def decrypt(self, key_id: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes: ...
+
+    def mac(self, key_id: str, data: bytes) -> bytes: ...
+
+    def derive(self, key_id: str, info: bytes, new_id: str, new_type: KeyType) -> None: ...

@@ -1,0 +1,194 @@
+"""The software key store: keys wrapped under the device root key, one sealed file each.
+
+Owns: generating and using keys in software with ``cryptography``; sealing
+each key (AES-256-GCM under the device root key, the key id as associated
+data) into a blob the caller persists through a :class:`KeyFiles`.
+Must not import: device or anything above (the device supplies the files).
+
+Threat: a key file read or altered on disk. Key material is stored only
+encrypted under the root key; a blob moved to another key id, altered or
+truncated fails its tag and is refused (``keystore.integrity``); nothing in
+the interface returns private material. On a virtual device the root key
+itself is a file in the device directory (0600): this backend protects
+against reading the key files alone, not against reading the whole
+directory — that is what the ``pkcs11`` backend is for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from typing import Protocol
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ism.crypto.keystore import KeyType, check_key_id, check_key_type
+from ism.errors import FormatError, SignatureError, StateCorruptError, UsageError
+from ism.formats import cbor
+
+__all__ = ["KeyFiles", "SoftwareKeyStore"]
+
+_SIZES = {"aes-256": 32, "hmac-sha256": 32}
+
+
+class KeyFiles(Protocol):
+    """Where sealed key blobs live (the device supplies an atomic, crash-safe implementation)."""
+
+    def read(self, name: str) -> bytes | None: ...
+
+    def write(self, name: str, data: bytes) -> None: ...
+
+    def remove(self, name: str) -> None: ...
+
+
+class SoftwareKeyStore:
+    """Keys sealed under ``root_key`` (32 bytes) in ``files``."""
+
+    backend = "software"
+
+    def __init__(self, files: KeyFiles, root_key: bytes) -> None:
+        if len(root_key) != 32:
+            raise UsageError("keystore.root-key", "the root key must be 32 bytes")
+        self._files = files
+        self._root = AESGCM(root_key)
+        self._cache: dict[str, tuple[KeyType, bytes, ec.EllipticCurvePrivateKey | None]] = {}
+
+    # -- sealing --------------------------------------------------------------------------------
+
+    def _store(self, key_id: str, key_type: KeyType, material: bytes, replace: bool = False) -> None:
+        check_key_id(key_id)
+        if not replace and self.exists(key_id):
+            raise UsageError("keystore.exists", "a key with this id already exists", subject=key_id)
+        nonce = os.urandom(12)
+        body = cbor.dumps({1: key_type, 2: material})
+        self._files.write(key_id, nonce + self._root.encrypt(nonce, body, b"ism-key:" + key_id.encode()))
+        self._cache.pop(key_id, None)
+
+    def _load(self, key_id: str) -> tuple[KeyType, bytes, ec.EllipticCurvePrivateKey | None]:
+        cached = self._cache.get(check_key_id(key_id))
+        if cached is not None:
+            return cached
+        blob = self._files.read(key_id)
+        if blob is None:
+            raise UsageError("keystore.missing", "no such key", subject=key_id)
+        try:
+            body = cbor.loads(self._root.decrypt(blob[:12], blob[12:], b"ism-key:" + key_id.encode()))
+        except (InvalidTag, ValueError, FormatError):
+            raise StateCorruptError(
+                "keystore.integrity", "a sealed key fails its integrity check", subject=key_id
+            ) from None
+        if (
+            not isinstance(body, dict)
+            or body.get(1) not in _SIZES | {"ecc-p256": 0}
+            or not isinstance(body.get(2), bytes)
+        ):
+            raise StateCorruptError("keystore.integrity", "a sealed key is malformed", subject=key_id)
+        key_type: KeyType = body[1]
+        material: bytes = body[2]
+        private = None
+        if key_type == "ecc-p256":
+            loaded = serialization.load_der_private_key(material, password=None)
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+                raise StateCorruptError("keystore.integrity", "a sealed key is malformed", subject=key_id)
+            private = loaded
+        entry = (key_type, material, private)
+        self._cache[key_id] = entry
+        return entry
+
+    def _typed(self, key_id: str, *types: KeyType) -> tuple[bytes, ec.EllipticCurvePrivateKey | None]:
+        key_type, material, private = self._load(key_id)
+        if key_type not in types:
+            raise UsageError(
+                "keystore.key-type", f"operation needs a {'/'.join(types)} key", subject=key_id, got=key_type
+            )
+        return material, private
+
+    # -- the KeyStore interface -------------------------------------------------------------------
+
+    def generate(self, key_id: str, key_type: KeyType) -> None:
+        check_key_type(key_type)
+        if key_type == "ecc-p256":
+            material = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        else:
+            material = os.urandom(_SIZES[key_type])
+        self._store(key_id, key_type, material)
+
+    def import_key(self, key_id: str, key_type: KeyType, material: bytes) -> None:
+        check_key_type(key_type)
+        if key_type == "ecc-p256":
+            try:
+                key = serialization.load_der_private_key(material, password=None)
+            except ValueError:
+                raise FormatError("keystore.import", "not a DER private key") from None
+            if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+                raise FormatError("keystore.import", "not a P-256 private key")
+        elif len(material) != _SIZES[key_type]:
+            raise FormatError("keystore.import", f"a {key_type} key is {_SIZES[key_type]} bytes", got=len(material))
+        self._store(key_id, key_type, bytes(material))
+
+    def exists(self, key_id: str) -> bool:
+        return key_id in self._cache or self._files.read(check_key_id(key_id)) is not None
+
+    def key_type(self, key_id: str) -> KeyType:
+        return self._load(key_id)[0]
+
+    def destroy(self, key_id: str) -> None:
+        self._cache.pop(check_key_id(key_id), None)
+        self._files.remove(key_id)
+
+    def public_key(self, key_id: str) -> bytes:
+        _, private = self._typed(key_id, "ecc-p256")
+        assert private is not None
+        return private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, key_id: str, message: bytes) -> bytes:
+        _, private = self._typed(key_id, "ecc-p256")
+        assert private is not None
+        r, s = decode_dss_signature(private.sign(message, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    def verify(self, key_id: str, message: bytes, signature: bytes) -> None:
+        _, private = self._typed(key_id, "ecc-p256")
+        assert private is not None
+        if len(signature) != 64:
+            raise SignatureError("keystore.signature", "signature does not verify")
+        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+        try:
+            private.public_key().verify(der, message, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise SignatureError("keystore.signature", "signature does not verify") from None
+
+    def encrypt(self, key_id: str, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        material, _ = self._typed(key_id, "aes-256")
+        if len(nonce) != 12:
+            raise UsageError("keystore.nonce", "AES-GCM nonces are 12 bytes")
+        return AESGCM(material).encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, key_id: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        material, _ = self._typed(key_id, "aes-256")
+        try:
+            return AESGCM(material).decrypt(nonce, ciphertext, aad)
+        except (InvalidTag, ValueError):
+            raise SignatureError("keystore.decrypt", "decryption failed") from None
+
+    def mac(self, key_id: str, data: bytes) -> bytes:
+        material, _ = self._typed(key_id, "hmac-sha256")
+        return hmac.new(material, data, hashlib.sha256).digest()
+
+    def derive(self, key_id: str, info: bytes, new_id: str, new_type: KeyType) -> None:
+        material, _ = self._typed(key_id, "hmac-sha256", "aes-256")
+        check_key_type(new_type)
+        if new_type == "ecc-p256":
+            raise UsageError("keystore.key-type", "derive produces aes-256 or hmac-sha256 keys", got=new_type)
+        derived = HKDF(algorithm=hashes.SHA256(), length=_SIZES[new_type], salt=None, info=info).derive(material)
+        self._store(new_id, new_type, derived, replace=True)

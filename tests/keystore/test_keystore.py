@@ -1,0 +1,500 @@
+"""The KeyStore conformance suite (software and PKCS#11 backends alike) and the PKCS#11 edge cases.
+
+Every test taking ``backend`` runs against :class:`SoftwareKeyStore` and
+against :class:`Pkcs11KeyStore` on a real SoftHSM2 token; the cross-backend
+tests import the same material into both and require identical results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pkcs11
+import pytest
+from _softhsm import SoftHsm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ism.crypto.keystore import KEY_TYPES, KeyStore
+from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
+from ism.crypto.keystore.software import SoftwareKeyStore
+from ism.errors import FormatError, IsmError, PlatformError, SignatureError, UsageError
+
+NewId = Callable[[str], str]
+NONCE = bytes(range(12))
+MESSAGE = b"measured boot of microservice 7"
+
+
+def p256_pkcs8(key: ec.EllipticCurvePrivateKey | None = None) -> bytes:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def der_signature(raw: bytes) -> bytes:
+    return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+
+
+def flip(data: bytes, index: int = 0) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
+
+
+@contextmanager
+def raises_rule(kind: type[IsmError], rule: str) -> Iterator[pytest.ExceptionInfo[IsmError]]:
+    """Like ``pytest.raises(kind)``, and the error names ``rule``."""
+    with pytest.raises(kind) as caught:
+        yield caught
+    assert caught.value.rule == rule, caught.value
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_type", KEY_TYPES)
+def test_generate_exists_type_destroy(backend: KeyStore, new_id: NewId, key_type: str) -> None:
+    key_id = new_id("life")
+    assert not backend.exists(key_id)
+    backend.generate(key_id, key_type)  # type: ignore[arg-type]
+    assert backend.exists(key_id)
+    assert backend.key_type(key_id) == key_type
+    with raises_rule(UsageError, "keystore.exists"):
+        backend.generate(key_id, key_type)
+    backend.destroy(key_id)
+    assert not backend.exists(key_id)
+    with raises_rule(UsageError, "keystore.missing"):
+        backend.key_type(key_id)
+    backend.destroy(key_id)  # destroying what is gone is not an error
+
+
+def test_generated_keys_differ(backend: KeyStore, new_id: NewId) -> None:
+    a, b = new_id("a"), new_id("b")
+    backend.generate(a, "hmac-sha256")
+    backend.generate(b, "hmac-sha256")
+    assert backend.mac(a, MESSAGE) != backend.mac(b, MESSAGE)
+
+
+def test_bad_key_id_and_type_are_refused(backend: KeyStore) -> None:
+    with raises_rule(UsageError, "keystore.key-id"):
+        backend.generate("Not An Id", "aes-256")
+    with raises_rule(UsageError, "keystore.key-id"):
+        backend.exists("../escape")
+    with raises_rule(UsageError, "keystore.key-type"):
+        backend.generate("fine-id", "rsa-2048")  # type: ignore[arg-type]
+
+
+# -- signatures -----------------------------------------------------------------------------------
+
+
+def test_sign_verify_and_tampering(backend: KeyStore, new_id: NewId) -> None:
+    key_id = new_id("sig")
+    backend.generate(key_id, "ecc-p256")
+    signature = backend.sign(key_id, MESSAGE)
+    assert len(signature) == 64
+    backend.verify(key_id, MESSAGE, signature)
+    for bad_message, bad_signature in (
+        (MESSAGE, flip(signature, 5)),
+        (MESSAGE, flip(signature, 63)),
+        (MESSAGE + b"!", signature),
+        (MESSAGE, signature[:63]),
+        (MESSAGE, signature + b"\x00"),
+        (MESSAGE, bytes(64)),
+    ):
+        with raises_rule(SignatureError, "keystore.signature"):
+            backend.verify(key_id, bad_message, bad_signature)
+
+
+def test_public_key_is_spki_and_verifies_with_cryptography(backend: KeyStore, new_id: NewId) -> None:
+    key_id = new_id("pub")
+    backend.generate(key_id, "ecc-p256")
+    public = serialization.load_der_public_key(backend.public_key(key_id))
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert isinstance(public.curve, ec.SECP256R1)
+    public.verify(der_signature(backend.sign(key_id, MESSAGE)), MESSAGE, ec.ECDSA(hashes.SHA256()))
+    # and a signature made elsewhere under the same key verifies in the store (imported key)
+    private = ec.generate_private_key(ec.SECP256R1())
+    imported = new_id("pub-imported")
+    backend.import_key(imported, "ecc-p256", p256_pkcs8(private))
+    assert backend.public_key(imported) == private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    r, s = decode_dss_signature(private.sign(MESSAGE, ec.ECDSA(hashes.SHA256())))
+    backend.verify(imported, MESSAGE, r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+
+# -- AES-GCM --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("plaintext", "aad"), [(b"sealed state", b"ms-7"), (b"", b""), (bytes(1000), b"x" * 77)])
+def test_aes_gcm_round_trip(backend: KeyStore, new_id: NewId, plaintext: bytes, aad: bytes) -> None:
+    key_id = new_id("aes")
+    backend.generate(key_id, "aes-256")
+    ciphertext = backend.encrypt(key_id, NONCE, plaintext, aad)
+    assert len(ciphertext) == len(plaintext) + 16
+    assert backend.decrypt(key_id, NONCE, ciphertext, aad) == plaintext
+
+
+def test_aes_gcm_tampering_is_one_error(backend: KeyStore, new_id: NewId) -> None:
+    key_id = new_id("aes-t")
+    backend.generate(key_id, "aes-256")
+    ciphertext = backend.encrypt(key_id, NONCE, b"sealed state", b"ms-7")
+    for nonce, data, aad in (
+        (NONCE, flip(ciphertext, 0), b"ms-7"),  # ciphertext body
+        (NONCE, flip(ciphertext, len(ciphertext) - 1), b"ms-7"),  # tag
+        (NONCE, ciphertext, b"ms-8"),  # associated data
+        (NONCE, ciphertext, b""),
+        (flip(NONCE), ciphertext, b"ms-7"),  # nonce
+        (NONCE[:11], ciphertext, b"ms-7"),  # short nonce
+        (NONCE, ciphertext[:-1], b"ms-7"),  # truncated
+        (NONCE, ciphertext[:10], b"ms-7"),  # shorter than a tag
+        (NONCE, b"", b"ms-7"),
+    ):
+        with raises_rule(SignatureError, "keystore.decrypt"):
+            backend.decrypt(key_id, nonce, data, aad)
+    # a failed decryption leaves the key usable
+    assert backend.decrypt(key_id, NONCE, ciphertext, b"ms-7") == b"sealed state"
+
+
+def test_encrypt_needs_a_12_byte_nonce(backend: KeyStore, new_id: NewId) -> None:
+    key_id = new_id("aes-n")
+    backend.generate(key_id, "aes-256")
+    with raises_rule(UsageError, "keystore.nonce"):
+        backend.encrypt(key_id, bytes(16), b"data", b"")
+
+
+# -- MAC and derive -------------------------------------------------------------------------------
+
+
+def test_mac_matches_hmac_sha256(backend: KeyStore, new_id: NewId) -> None:
+    material = os.urandom(32)
+    key_id = new_id("mac")
+    backend.import_key(key_id, "hmac-sha256", material)
+    for data in (b"", MESSAGE, bytes(5000)):
+        assert backend.mac(key_id, data) == hmac.new(material, data, hashlib.sha256).digest()
+    assert backend.mac(key_id, b"a") != backend.mac(key_id, b"b")
+
+
+@pytest.mark.parametrize("source_type", ["hmac-sha256", "aes-256"])
+def test_derive_is_hkdf_and_deterministic(backend: KeyStore, new_id: NewId, source_type: str) -> None:
+    material = os.urandom(32)
+    source = new_id("ikm")
+    backend.import_key(source, source_type, material)  # type: ignore[arg-type]
+    first, again, other = new_id("d1"), new_id("d2"), new_id("d3")
+    backend.derive(source, b"purpose-a", first, "hmac-sha256")
+    backend.derive(source, b"purpose-a", again, "hmac-sha256")
+    backend.derive(source, b"purpose-b", other, "hmac-sha256")
+    assert backend.key_type(first) == "hmac-sha256"
+    assert backend.mac(first, MESSAGE) == backend.mac(again, MESSAGE)
+    assert backend.mac(first, MESSAGE) != backend.mac(other, MESSAGE)
+    expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"purpose-a").derive(material)
+    assert backend.mac(first, MESSAGE) == hmac.new(expected, MESSAGE, hashlib.sha256).digest()
+    aes = new_id("d-aes")
+    backend.derive(source, b"purpose-a", aes, "aes-256")
+    assert backend.key_type(aes) == "aes-256"
+    assert backend.encrypt(aes, NONCE, MESSAGE, b"") == AESGCM(expected).encrypt(NONCE, MESSAGE, b"")
+    assert backend.exists(source)  # the source is untouched
+
+
+def test_derive_replaces_an_existing_key(backend: KeyStore, new_id: NewId) -> None:
+    source, target = new_id("src"), new_id("dst")
+    backend.import_key(source, "hmac-sha256", b"\x01" * 32)
+    backend.generate(target, "ecc-p256")
+    backend.derive(source, b"v1", target, "hmac-sha256")
+    assert backend.key_type(target) == "hmac-sha256"
+    first = backend.mac(target, MESSAGE)
+    backend.derive(source, b"v2", target, "hmac-sha256")
+    assert backend.mac(target, MESSAGE) != first
+    # a ratchet: derive a key into its own id
+    backend.derive(target, b"next", target, "hmac-sha256")
+    assert backend.key_type(target) == "hmac-sha256"
+
+
+# -- wrong type, missing key, no read-back --------------------------------------------------------
+
+
+def test_wrong_key_type_for_operation(backend: KeyStore, new_id: NewId) -> None:
+    ecc, aes, mac = new_id("w-ecc"), new_id("w-aes"), new_id("w-mac")
+    backend.generate(ecc, "ecc-p256")
+    backend.generate(aes, "aes-256")
+    backend.generate(mac, "hmac-sha256")
+    calls: list[Callable[[], object]] = [
+        lambda: backend.sign(aes, MESSAGE),
+        lambda: backend.sign(mac, MESSAGE),
+        lambda: backend.verify(aes, MESSAGE, bytes(64)),
+        lambda: backend.public_key(mac),
+        lambda: backend.encrypt(mac, NONCE, b"", b""),
+        lambda: backend.encrypt(ecc, NONCE, b"", b""),
+        lambda: backend.decrypt(ecc, NONCE, bytes(16), b""),
+        lambda: backend.mac(aes, MESSAGE),
+        lambda: backend.mac(ecc, MESSAGE),
+        lambda: backend.derive(ecc, b"x", new_id("w-new"), "aes-256"),
+        lambda: backend.derive(mac, b"x", new_id("w-new"), "ecc-p256"),
+    ]
+    for call in calls:
+        with raises_rule(UsageError, "keystore.key-type"):
+            call()
+
+
+def test_missing_key(backend: KeyStore, new_id: NewId) -> None:
+    gone = new_id("gone")
+    calls: list[Callable[[], object]] = [
+        lambda: backend.key_type(gone),
+        lambda: backend.public_key(gone),
+        lambda: backend.sign(gone, MESSAGE),
+        lambda: backend.verify(gone, MESSAGE, bytes(64)),
+        lambda: backend.encrypt(gone, NONCE, b"", b""),
+        lambda: backend.decrypt(gone, NONCE, bytes(16), b""),
+        lambda: backend.mac(gone, MESSAGE),
+        lambda: backend.derive(gone, b"x", new_id("new"), "aes-256"),
+    ]
+    for call in calls:
+        with raises_rule(UsageError, "keystore.missing"):
+            call()
+    assert not backend.exists(gone)
+
+
+def test_import_validation_and_no_overwrite(backend: KeyStore, new_id: NewId) -> None:
+    with raises_rule(FormatError, "keystore.import"):
+        backend.import_key(new_id("i"), "aes-256", bytes(31))
+    with raises_rule(FormatError, "keystore.import"):
+        backend.import_key(new_id("i"), "hmac-sha256", bytes(33))
+    with raises_rule(FormatError, "keystore.import"):
+        backend.import_key(new_id("i"), "ecc-p256", b"not DER")
+    with raises_rule(FormatError, "keystore.import"):
+        backend.import_key(new_id("i"), "ecc-p256", p256_pkcs8(ec.generate_private_key(ec.SECP384R1())))
+    key_id = new_id("keep")
+    backend.import_key(key_id, "hmac-sha256", b"\x07" * 32)
+    for key_type, material in (("hmac-sha256", b"\x08" * 32), ("aes-256", b"\x08" * 32), ("ecc-p256", p256_pkcs8())):
+        with raises_rule(UsageError, "keystore.exists"):
+            backend.import_key(key_id, key_type, material)  # type: ignore[arg-type]
+    assert backend.mac(key_id, MESSAGE) == hmac.new(b"\x07" * 32, MESSAGE, hashlib.sha256).digest()
+
+
+KEYSTORE_METHODS = {
+    "generate",
+    "import_key",
+    "exists",
+    "key_type",
+    "destroy",
+    "public_key",
+    "sign",
+    "verify",
+    "encrypt",
+    "decrypt",
+    "mac",
+    "derive",
+}
+
+
+def test_imported_material_cannot_be_read_back(backend: KeyStore, new_id: NewId) -> None:
+    """No operation returns key material: only the KeyStore methods (and close) are public."""
+    public = {name for name, _ in inspect.getmembers(backend, callable) if not name.startswith("_")}
+    assert public <= KEYSTORE_METHODS | {"close"}
+    secret, ecc_key = os.urandom(32), ec.generate_private_key(ec.SECP256R1())
+    scalar = ecc_key.private_numbers().private_value.to_bytes(32, "big")
+    pkcs8 = p256_pkcs8(ecc_key)
+    aes, mac, ecc = new_id("r-aes"), new_id("r-mac"), new_id("r-ecc")
+    backend.import_key(aes, "aes-256", secret)
+    backend.import_key(mac, "hmac-sha256", secret)
+    backend.import_key(ecc, "ecc-p256", pkcs8)
+    outputs = [
+        backend.encrypt(aes, NONCE, secret, secret),
+        backend.encrypt(aes, NONCE, b"", b""),
+        backend.mac(mac, b""),
+        backend.public_key(ecc),
+        backend.sign(ecc, secret),
+        repr(backend).encode(),
+    ]
+    for output in outputs:
+        for needle in (secret, scalar, pkcs8):
+            assert needle not in output
+
+
+# -- cross-backend equality -----------------------------------------------------------------------
+
+
+def test_same_material_same_results_in_both_backends(
+    software_store: SoftwareKeyStore, pkcs11_store: Pkcs11KeyStore, new_id: NewId
+) -> None:
+    material = os.urandom(32)
+    aes, mac = new_id("x-aes"), new_id("x-mac")
+    for store in (software_store, pkcs11_store):
+        store.import_key(aes, "aes-256", material)
+        store.import_key(mac, "hmac-sha256", material)
+    for plaintext, aad in ((MESSAGE, b"aad"), (b"", b""), (bytes(300), b"")):
+        sealed = software_store.encrypt(aes, NONCE, plaintext, aad)
+        assert pkcs11_store.encrypt(aes, NONCE, plaintext, aad) == sealed
+        assert pkcs11_store.decrypt(aes, NONCE, sealed, aad) == plaintext
+    assert software_store.mac(mac, MESSAGE) == pkcs11_store.mac(mac, MESSAGE)
+
+
+@pytest.mark.parametrize("source_type", ["hmac-sha256", "aes-256"])
+def test_derive_is_equal_across_backends(
+    software_store: SoftwareKeyStore, pkcs11_store: Pkcs11KeyStore, new_id: NewId, source_type: str
+) -> None:
+    material = os.urandom(32)
+    source, to_mac, to_aes = new_id("x-src"), new_id("x-dmac"), new_id("x-daes")
+    for store in (software_store, pkcs11_store):
+        store.import_key(source, source_type, material)  # type: ignore[arg-type]
+        store.derive(source, b"storage key for ms-7", to_mac, "hmac-sha256")
+        store.derive(source, b"storage key for ms-7", to_aes, "aes-256")
+    assert software_store.mac(to_mac, MESSAGE) == pkcs11_store.mac(to_mac, MESSAGE)
+    assert software_store.encrypt(to_aes, NONCE, MESSAGE, b"") == pkcs11_store.encrypt(to_aes, NONCE, MESSAGE, b"")
+
+
+def test_ecc_import_is_equal_across_backends(
+    software_store: SoftwareKeyStore, pkcs11_store: Pkcs11KeyStore, new_id: NewId
+) -> None:
+    pkcs8, key_id = p256_pkcs8(), new_id("x-ecc")
+    software_store.import_key(key_id, "ecc-p256", pkcs8)
+    pkcs11_store.import_key(key_id, "ecc-p256", pkcs8)
+    assert software_store.public_key(key_id) == pkcs11_store.public_key(key_id)
+    software_store.verify(key_id, MESSAGE, pkcs11_store.sign(key_id, MESSAGE))
+    pkcs11_store.verify(key_id, MESSAGE, software_store.sign(key_id, MESSAGE))
+
+
+# -- PKCS#11 only ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def token_session(softhsm: SoftHsm, pkcs11_store: Pkcs11KeyStore) -> Iterator[pkcs11.Session]:
+    """A second, public session on the test token (it shares the store's login; closing it does not log out)."""
+    session = pkcs11.lib(softhsm.module).get_token(token_label=softhsm.label).open()
+    yield session
+    session.close()
+
+
+def test_token_objects_are_sensitive_and_non_extractable(
+    pkcs11_store: Pkcs11KeyStore, token_session: pkcs11.Session, new_id: NewId
+) -> None:
+    ids = {t: new_id(f"attr-{t}") for t in KEY_TYPES}
+    for key_type, key_id in ids.items():
+        pkcs11_store.generate(key_id, key_type)  # type: ignore[arg-type]
+    imported = new_id("attr-imported")
+    pkcs11_store.import_key(imported, "aes-256", os.urandom(32))
+    derived = new_id("attr-derived")
+    pkcs11_store.derive(imported, b"info", derived, "hmac-sha256")
+    for key_id in [*ids.values(), imported, derived]:
+        objects = list(token_session.get_objects({pkcs11.Attribute.LABEL: key_id}))
+        secret = [o for o in objects if o[pkcs11.Attribute.CLASS] != pkcs11.ObjectClass.PUBLIC_KEY]
+        assert len(secret) == 1, key_id
+        (obj,) = secret
+        assert obj[pkcs11.Attribute.TOKEN] is True
+        assert obj[pkcs11.Attribute.SENSITIVE] is True
+        assert obj[pkcs11.Attribute.EXTRACTABLE] is False
+        with pytest.raises(pkcs11.exceptions.AttributeSensitive):
+            obj[pkcs11.Attribute.VALUE]
+    # derive left no temporary object behind
+    assert not [o for o in token_session.get_objects() if str(o[pkcs11.Attribute.LABEL]).startswith("~")]
+
+
+def test_failed_generate_and_import_write_nothing(
+    pkcs11_store: Pkcs11KeyStore, token_session: pkcs11.Session, new_id: NewId
+) -> None:
+    def count() -> int:
+        return len(list(token_session.get_objects({pkcs11.Attribute.TOKEN: True})))
+
+    key_id = new_id("once")
+    pkcs11_store.generate(key_id, "ecc-p256")
+    before = count()
+    attempts: list[Callable[[], object]] = [
+        lambda: pkcs11_store.generate(key_id, "aes-256"),
+        lambda: pkcs11_store.import_key(key_id, "ecc-p256", p256_pkcs8()),
+        lambda: pkcs11_store.import_key(new_id("bad"), "ecc-p256", b"junk"),
+        lambda: pkcs11_store.derive(new_id("missing"), b"x", new_id("out"), "aes-256"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(IsmError):
+            attempt()
+    assert count() == before
+
+
+def test_wrong_token_label_is_unavailable(softhsm: SoftHsm) -> None:
+    with raises_rule(PlatformError, "keystore.unavailable") as caught:
+        Pkcs11KeyStore(softhsm.module, "no-such-token", softhsm.pin)
+    assert "no-such-token" in str(caught.value)
+    assert softhsm.module in str(caught.value)
+
+
+def test_unloadable_module_is_unavailable(softhsm: SoftHsm) -> None:
+    with raises_rule(PlatformError, "keystore.unavailable") as caught:
+        Pkcs11KeyStore("/nonexistent/libpkcs11.so", softhsm.label, softhsm.pin)
+    assert "/nonexistent/libpkcs11.so" in str(caught.value)
+
+
+def test_wrong_pin_is_locked_and_loses_nothing(softhsm: SoftHsm, pkcs11_store: Pkcs11KeyStore, new_id: NewId) -> None:
+    key_id = new_id("survivor")
+    pkcs11_store.generate(key_id, "ecc-p256")
+    signature = pkcs11_store.sign(key_id, MESSAGE)
+    for pin in ("0000", "", softhsm.pin + "0"):
+        with raises_rule(PlatformError, "keystore.locked"):
+            Pkcs11KeyStore(softhsm.module, softhsm.label, pin)
+    with raises_rule(PlatformError, "keystore.unavailable"):
+        Pkcs11KeyStore(softhsm.module, "no-such-token", softhsm.pin)
+    pkcs11_store.verify(key_id, MESSAGE, signature)
+    pkcs11_store.verify(key_id, MESSAGE, pkcs11_store.sign(key_id, MESSAGE))
+
+
+def test_second_store_shares_the_login_and_closing_it_keeps_the_first(
+    softhsm: SoftHsm, pkcs11_store: Pkcs11KeyStore, new_id: NewId
+) -> None:
+    key_id = new_id("shared")
+    pkcs11_store.generate(key_id, "hmac-sha256")
+    with Pkcs11KeyStore(softhsm.module, softhsm.label, softhsm.pin) as second:
+        assert second.mac(key_id, MESSAGE) == pkcs11_store.mac(key_id, MESSAGE)
+    with raises_rule(UsageError, "keystore.closed"):
+        second.mac(key_id, MESSAGE)
+    second.close()  # idempotent
+    assert pkcs11_store.exists(key_id)
+    pkcs11_store.mac(key_id, MESSAGE)  # still logged in
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
+    from ism.errors import IsmError
+    module, label, pin, key_id = sys.argv[1:]
+    try:
+        store = Pkcs11KeyStore(module, label, pin)
+    except IsmError as exc:
+        print(exc.rule)
+        raise SystemExit(0)
+    print(store.sign(key_id, b"from the child").hex())
+    store.close()
+    """
+)
+
+
+def run_child(softhsm: SoftHsm, pin: str, key_id: str) -> str:
+    """A fresh process (no login yet): here the token itself checks the PIN."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, softhsm.module, softhsm.label, pin, key_id],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "SOFTHSM2_CONF": str(softhsm.conf)},
+    )
+    return result.stdout.strip()
+
+
+def test_token_checks_the_pin_in_a_fresh_process(softhsm: SoftHsm, pkcs11_store: Pkcs11KeyStore, new_id: NewId) -> None:
+    key_id = new_id("persist")
+    pkcs11_store.generate(key_id, "ecc-p256")
+    for _ in range(3):
+        assert run_child(softhsm, "9999", key_id) == "keystore.locked"
+    # the key is on the token: another process signs with it, this one verifies
+    signature = bytes.fromhex(run_child(softhsm, softhsm.pin, key_id))
+    pkcs11_store.verify(key_id, b"from the child", signature)
