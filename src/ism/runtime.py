@@ -35,6 +35,7 @@ __all__ = ["STORAGE_KEY_ID", "Runtime"]
 
 #: the device storage key in the key store; per-microservice storage keys are derived from it
 STORAGE_KEY_ID = "device.storage"
+STORAGE_DB = Path("state") / "storage.sqlite"
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Runtime:
         if not keystore.exists(STORAGE_KEY_ID):
             keystore.generate(STORAGE_KEY_ID, "aes-256")
         storage = SecureStorage(
-            root / "state" / "storage.sqlite",
+            root / STORAGE_DB,
             root / "state" / "storage-root.cose",
             keystore,
             STORAGE_KEY_ID,
@@ -110,6 +111,10 @@ class Runtime:
             )
         supervisor.start()
         return cls(device, report, board, policy, peripherals, outbox, supervisor, crypto, identity, storage)
+
+    @property
+    def storage_path(self) -> Path:
+        return self.device.root / STORAGE_DB
 
     def close(self) -> None:
         self.supervisor.stop()

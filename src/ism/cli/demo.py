@@ -76,6 +76,43 @@ def _exchange(runtime: object, uart: Uart, frame: bytes, seconds: float = 0.3) -
     return uart.host_receive()
 
 
+def _storage_isolation(runtime: object) -> None:
+    """The enrolled template is biometric's alone: absent for analytics, useless when copied to it."""
+    import sqlite3
+
+    from ism.errors import IsmError
+    from ism.runtime import Runtime
+
+    assert isinstance(runtime, Runtime)
+    biometric = runtime.policy.by_name["biometric"].uuid
+    analytics = runtime.policy.by_name["analytics"].uuid
+    info = runtime.storage.get_info(biometric, 1)
+    print(f"\nbiometric's template: storage record 1, {info.size} bytes, encrypted under biometric's own key")
+    for what in ("read by analytics", "copied into analytics' namespace, then read"):
+        if what.startswith("copied"):
+            db = sqlite3.connect(runtime.storage_path)
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO records SELECT ?, uid, version, flags, size, nonce, tag, body, digest "
+                    "FROM records WHERE owner = ? AND uid = ?",
+                    (str(analytics), str(biometric), (1).to_bytes(8, "big")),
+                )
+            db.close()
+        try:
+            runtime.storage.get(analytics, 1)
+            print(f"   template {what}: READABLE (this must not happen)")
+        except IsmError as exc:
+            print(f"   template {what}: refused [{exc.rule}]")
+    print(
+        "   (the copy is in no namespace's authenticated index, and it is encrypted under biometric's key with\n"
+        "    biometric's UUID in its associated data; the storage would refuse to open with it: storage.rollback)"
+    )
+    db = sqlite3.connect(runtime.storage_path)
+    with db:
+        db.execute("DELETE FROM records WHERE owner = ?", (str(analytics),))
+    db.close()
+
+
 def run_demo(examples: Path, out: Path) -> None:
     """Runs the demo in ``out`` (recreated) using modules built in ``examples``."""
     from ism.device.virtual import Device
@@ -154,6 +191,7 @@ def run_demo(examples: Path, out: Path) -> None:
             f"\nafter the quarantine, owner's challenge     <- {reply[:2].hex()}... "
             f"{'signature VERIFIES' if ok else 'FAILED'}"
         )
+        _storage_isolation(runtime)
         print("\nmicroservice states:")
         for st in sup.status():
             print(f"   {st['name']:14} {st['state']:12} faults={st['faults']} restarts={st['restarts']}")

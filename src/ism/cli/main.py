@@ -216,7 +216,20 @@ def cmd_suit_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_device_init(args: argparse.Namespace) -> None:
-    dev = Device.init(args.dir)
+    keystore = None
+    if args.keystore == "pkcs11":
+        if not (args.pkcs11_module and args.pkcs11_token and args.pkcs11_pin_file):
+            raise UsageError(
+                "cli.argument", "--keystore pkcs11 needs --pkcs11-module, --pkcs11-token and --pkcs11-pin-file"
+            )
+        keystore = {
+            "backend": "pkcs11",
+            "module": args.pkcs11_module,
+            "token": args.pkcs11_token,
+            "pin_file": args.pkcs11_pin_file.resolve(),
+        }
+    dev = Device.init(args.dir, keystore=keystore)
+    dev.keystore()  # a token that is missing or locked is reported now, not at first use
     _emit(args, dev.info(), f"initialised device {args.dir}\ninstance id {dev.instance_id.hex()}")
 
 
@@ -438,11 +451,20 @@ def _parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("device", help="manage a virtual device").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"
     )
-    for name, func, help_ in (
-        ("init", cmd_device_init, "create a virtual device directory"),
-        ("info", cmd_device_info, "show instance ID, trust anchors, counters, packages"),
-    ):
-        add(dev, name, func, help_).add_argument("dir", type=Path)
+    di = add(dev, "init", cmd_device_init, "create a virtual device directory")
+    di.add_argument("dir", type=Path)
+    di.add_argument(
+        "--keystore",
+        choices=["software", "pkcs11"],
+        default="software",
+        help="where the device's keys live (default: software, sealed in the device directory)",
+    )
+    di.add_argument("--pkcs11-module", help="PKCS#11 module (.so), e.g. SoftHSM2's libsofthsm2.so")
+    di.add_argument("--pkcs11-token", help="token label")
+    di.add_argument("--pkcs11-pin-file", type=Path, help="file holding the user PIN")
+    add(dev, "info", cmd_device_info, "show instance ID, trust anchors, counters, packages").add_argument(
+        "dir", type=Path
+    )
     bt = add(dev, "boot", cmd_device_boot, "secure boot: verify every microservice and print the boot report")
     bt.add_argument("dir", type=Path)
     bt.add_argument(

@@ -205,11 +205,18 @@ class Device:
     # -- creation ---------------------------------------------------------------------------------
 
     @classmethod
-    def init(cls, root: Path, faults: Faults | None = None) -> Device:
-        """Creates a device: key pair, instance ID (UEID, random type), empty counters."""
+    def init(cls, root: Path, faults: Faults | None = None, keystore: dict[str, Any] | None = None) -> Device:
+        """Creates a device: key pair, instance ID (UEID, random type), empty counters.
+
+        Args:
+            keystore: the key-store backend: None (software) or
+                ``{"backend": "pkcs11", "module": PATH, "token": LABEL, "pin_file": PATH}``.
+        """
         faults = faults or Faults()
         if (root / "device.json").exists():
             raise UsageError("device.exists", "a device already exists here", subject=str(root))
+        if keystore is not None and keystore.get("backend") == "pkcs11":
+            _open_pkcs11(keystore).close()  # a missing or locked token is refused before anything is written
         for sub in ("keys", "trust", "state", "packages"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(root / "keys", 0o700)
@@ -220,7 +227,10 @@ class Device:
         atomic_write(root / "keys" / "state.key", secrets.token_bytes(32), faults, mode=0o600)
         instance_id = bytes([UEID_RAND]) + secrets.token_bytes(32)
         # device.json is written last: until it exists, the directory is not a device.
-        dev_cfg = {"format": FORMAT, "instance_id": instance_id.hex(), "keystore": "software"}
+        dev_cfg: dict[str, Any] = {"format": FORMAT, "instance_id": instance_id.hex(), "keystore": "software"}
+        if keystore is not None and keystore.get("backend") == "pkcs11":
+            dev_cfg["keystore"] = "pkcs11"
+            dev_cfg["pkcs11"] = {k: str(keystore[k]) for k in ("module", "token", "pin_file")}
         state_key = (root / "keys" / "state.key").read_bytes()
         atomic_write(root / "state" / "rollback.cose", _seal_counters({}, state_key), faults)
         atomic_write(root / "device.json", json.dumps(dev_cfg, indent=2).encode() + b"\n", faults)
@@ -494,11 +504,23 @@ class Device:
     def info(self) -> dict[str, Any]:
         return {
             "instance_id": self.instance_id.hex(),
-            "keystore": "software",
+            "keystore": self._config.get("keystore", "software"),
             "trust_anchors": [signer_id(k).hex() for k in self.anchors()],
             "counters": self.counters(),
             "installed": self.installed(),
         }
+
+
+def _open_pkcs11(config: dict[str, Any]) -> Any:
+    """The PKCS#11 key store a device configuration names (the PIN is read from its file)."""
+    from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
+
+    try:
+        pin = Path(config["pin_file"]).read_text().strip()
+        module, token = str(config["module"]), str(config["token"])
+    except (KeyError, TypeError, OSError) as exc:
+        raise UsageError("device.keystore", f"pkcs11 key store configuration unusable: {exc}") from exc
+    return Pkcs11KeyStore(module, token, pin)
 
 
 def _refused(ms: str, path: Path, exc: IsmError) -> BootEntry:
