@@ -33,7 +33,7 @@ lint: $(STAMP)
 unit: examples
 	$(BIN)/pytest -q
 
-BENCHMARKS := boot cose hostcall gateway density
+BENCHMARKS := boot cose hostcall gateway density services
 
 bench: $(STAMP)
 	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done

@@ -67,10 +67,6 @@ def _uuid(index: int) -> uuidlib.UUID:
     return uuidlib.UUID(int=(0xDE5 << 112) | (index + 1), version=4)
 
 
-def _no_sign(key: str, message: bytes) -> bytes:
-    raise RuntimeError("the benchmark grants no key")
-
-
 def _setup(module: bytes, count: int) -> tuple[list[Image], dict[uuidlib.UUID, MicroservicePolicy]]:
     board = parse_board('name = "bench-board"\n', "bench-board.toml")
     text = 'version = 1\nboard = "bench-board"\n' + "".join(
@@ -87,14 +83,14 @@ def _setup(module: bytes, count: int) -> tuple[list[Image], dict[uuidlib.UUID, M
 def child_ours(module: bytes, count: int) -> dict[str, Any]:
     """In a fresh process: Supervisor over ``count`` images, then start(); times and RSS deltas."""
     images, policies = _setup(module, count)
-    warm = Supervisor(images[:1], {images[0].uuid: policies[images[0].uuid]}, {}, lambda r: 0, _no_sign)
+    warm = Supervisor(images[:1], {images[0].uuid: policies[images[0].uuid]}, {}, lambda r: 0)
     warm.start()
     warm.stop()
     del warm
     gc.collect()
     rss0 = rss_bytes()
     t0 = time.perf_counter()
-    sup = Supervisor(images, policies, {}, lambda record: 0, _no_sign)
+    sup = Supervisor(images, policies, {}, lambda record: 0)
     t1 = time.perf_counter()
     rss1 = rss_bytes()
     sup.start()

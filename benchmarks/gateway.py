@@ -113,10 +113,7 @@ def build() -> tuple[Supervisor, Microservice]:
         check_module(entry, wasm.parse_module(module))  # as the runtime does before starting it
         images.append(Image(ms_uuid, name, "1.0.0", b"\0" * 32, b"\0" * 32, module))
 
-    def no_sign(key: str, message: bytes) -> bytes:
-        raise RuntimeError("the benchmark grants no key")
-
-    sup = Supervisor(images, policy.by_uuid, make_peripherals(board), lambda record: 0, no_sign)
+    sup = Supervisor(images, policy.by_uuid, make_peripherals(board), lambda record: 0)
     sup.start()
     caller = sup.by_name["caller"]
     if any(ms.state is not State.RUNNING for ms in sup.microservices.values()) or sup.records:

@@ -116,10 +116,7 @@ def build(module: bytes, grants: int) -> Setup:
     peripherals = make_peripherals(board)
     image = Image(BENCH_UUID, "bench", "1.0.0", b"\0" * 32, b"\0" * 32, module)
 
-    def no_sign(key: str, message: bytes) -> bytes:
-        raise RuntimeError("the benchmark grants no key")
-
-    sup = Supervisor([image], policy.by_uuid, peripherals, lambda record: 0, no_sign)
+    sup = Supervisor([image], policy.by_uuid, peripherals, lambda record: 0)
     sup.start()
     ms = sup.by_name["bench"]
     if ms.state is not State.RUNNING or len(ms.handles) != 1 or sup.records:
