@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 EXAMPLES_OUT := build/examples
 
 .PHONY: all demo test setup examples lint unit bench bench-full clean
@@ -16,6 +17,10 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) ./scripts/bootstrap.sh $(VENV)
 	@touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	PYTHON=$(PYTHON) ./scripts/bootstrap.sh $(VENV) test
+	@touch $(TEST_STAMP)
+
 setup: $(STAMP)
 
 examples: $(STAMP)
@@ -24,21 +29,21 @@ examples: $(STAMP)
 demo: examples
 	$(BIN)/ism demo --examples $(EXAMPLES_OUT) --out demo-out
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-unit: examples
+unit: examples $(TEST_STAMP)
 	$(BIN)/pytest -q
 
 BENCHMARKS := boot cose hostcall gateway density services
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
 
-bench-full: $(STAMP)
+bench-full: $(TEST_STAMP)
 	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 test: lint unit bench

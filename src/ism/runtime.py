@@ -120,3 +120,4 @@ class Runtime:
         self.supervisor.stop()
         self.outbox.close()
         self.storage.close()
+        self.device.close()

@@ -91,7 +91,9 @@ def test_replayed_counters_file_from_the_same_device(
     # The attacker puts back the earlier, genuinely MAC'd counters file.
     _counters_file(device).write_bytes(snapshot)
 
-    # KNOWN LIMITATION: the counters file is authenticated (COSE_Mac0 under the
+    # KNOWN LIMITATION of the software and PKCS#11 key stores (the tpm backend
+    # closes it: see tests/keystore/test_device_tpm.py, rule state.rollback-replay):
+    # the counters file is authenticated (COSE_Mac0 under the
     # device's state key) but not bound to any freshness root, so an earlier
     # snapshot of the same device's file verifies and the rollback goes through.
     # Detecting this needs state outside the attacker's reach that only moves

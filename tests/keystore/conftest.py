@@ -1,8 +1,10 @@
-"""Key-store fixtures: a fresh SoftHSM2 token, and one conformance suite run against every backend.
+"""Key-store fixtures: a fresh SoftHSM2 token, a fresh swtpm, and one conformance suite run against every backend.
 
 The SoftHSM2 token is real (``softhsm2-util --init-token`` in a temporary
-token directory). There is no skip: without SoftHSM2 the PKCS#11 tests fail,
-so CI (``CI=true``) can never pass with the backend untested.
+token directory), and so is the TPM (``swtpm`` on loopback ports with its
+state in a temporary directory, stopped at session end). There is no skip:
+without SoftHSM2 the PKCS#11 tests fail and without swtpm the TPM tests
+fail, so CI (``CI=true``) can never pass with a backend untested.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from _softhsm import INSTALL_HINT, SoftHsm, find_module, find_util, init_token
+from _swtpm import INSTALL_HINT as SWTPM_INSTALL_HINT
+from _swtpm import Swtpm, find_swtpm, start_swtpm
 
 from ism.crypto.keystore import KeyStore
 from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
 from ism.crypto.keystore.software import SoftwareKeyStore
+from ism.crypto.keystore.tpm import TpmKeyStore
 
-BACKENDS = ("software", "pkcs11")
+BACKENDS = ("software", "pkcs11", "tpm")
 
 
 class MemoryFiles:
@@ -52,6 +57,25 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
 def pkcs11_store(softhsm: SoftHsm) -> Iterator[Pkcs11KeyStore]:
     """One logged-in store on the test token for the whole session (tests use unique key ids)."""
     store = Pkcs11KeyStore(softhsm.module, softhsm.label, softhsm.pin)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """A fresh software TPM 2.0 for the session (its own state directory); stopped at the end."""
+    binary = find_swtpm()
+    if binary is None:
+        pytest.fail(SWTPM_INSTALL_HINT)
+    tpm = start_swtpm(tmp_path_factory.mktemp("swtpm"), binary)
+    yield tpm
+    tpm.stop()
+
+
+@pytest.fixture(scope="session")
+def tpm_store(swtpm: Swtpm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TpmKeyStore]:
+    """One store on the session's swtpm for the whole session (tests use unique key ids)."""
+    store = TpmKeyStore(swtpm.tcti, tmp_path_factory.mktemp("tpm-keys"))
     yield store
     store.close()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = (
-    "abi|board|boot|cbor|cli|cose|crypto|demo|device|downgrade|gateway|identity|keys|keystore|outbox|package|policy"
-    "|sandbox|state|storage|suit|supervisor|wasm|x509"
+    "abi|attest|board|boot|cbor|cli|cose|crypto|demo|device|downgrade|gateway|identity|keys|keystore|outbox"
+    "|package|policy|sandbox|state|storage|suit|supervisor|wasm|x509"
 )
 RULE = re.compile(rf"^({FAMILIES})\.[a-z0-9-]+$")
 #: strings that look like rule ids but name files or key-store ids

@@ -228,9 +228,13 @@ def cmd_device_init(args: argparse.Namespace) -> None:
             "token": args.pkcs11_token,
             "pin_file": args.pkcs11_pin_file.resolve(),
         }
-    dev = Device.init(args.dir, keystore=keystore)
-    dev.keystore()  # a token that is missing or locked is reported now, not at first use
-    _emit(args, dev.info(), f"initialised device {args.dir}\ninstance id {dev.instance_id.hex()}")
+    elif args.keystore == "tpm":
+        if not args.tpm_tcti:
+            raise UsageError("cli.argument", "--keystore tpm needs --tpm-tcti (e.g. device:/dev/tpmrm0)")
+        keystore = {"backend": "tpm", "tcti": args.tpm_tcti}
+    with Device.init(args.dir, keystore=keystore) as dev:
+        dev.keystore()  # a token that is missing or locked is reported now, not at first use
+        _emit(args, dev.info(), f"initialised device {args.dir}\ninstance id {dev.instance_id.hex()}")
 
 
 def cmd_device_info(args: argparse.Namespace) -> None:
@@ -455,13 +459,14 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("dir", type=Path)
     di.add_argument(
         "--keystore",
-        choices=["software", "pkcs11"],
+        choices=["software", "pkcs11", "tpm"],
         default="software",
         help="where the device's keys live (default: software, sealed in the device directory)",
     )
     di.add_argument("--pkcs11-module", help="PKCS#11 module (.so), e.g. SoftHSM2's libsofthsm2.so")
     di.add_argument("--pkcs11-token", help="token label")
     di.add_argument("--pkcs11-pin-file", type=Path, help="file holding the user PIN")
+    di.add_argument("--tpm-tcti", help="TPM 2.0 TCTI, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321")
     add(dev, "info", cmd_device_info, "show instance ID, trust anchors, counters, packages").add_argument(
         "dir", type=Path
     )

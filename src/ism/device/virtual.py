@@ -228,11 +228,21 @@ class Device:
         instance_id = bytes([UEID_RAND]) + secrets.token_bytes(32)
         # device.json is written last: until it exists, the directory is not a device.
         dev_cfg: dict[str, Any] = {"format": FORMAT, "instance_id": instance_id.hex(), "keystore": "software"}
+        generation = None
         if keystore is not None and keystore.get("backend") == "pkcs11":
             dev_cfg["keystore"] = "pkcs11"
             dev_cfg["pkcs11"] = {k: str(keystore[k]) for k in ("module", "token", "pin_file")}
+        elif keystore is not None and keystore.get("backend") == "tpm":
+            nv_index = 0x01500000 + secrets.randbelow(0x10000)
+            dev_cfg["keystore"] = "tpm"
+            dev_cfg["tpm"] = {"tcti": str(keystore["tcti"]), "nv_index": nv_index}
+            tpm = _open_tpm(dev_cfg["tpm"], root)
+            try:
+                generation = tpm.counter(nv_index).read()
+            finally:
+                tpm.close()
         state_key = (root / "keys" / "state.key").read_bytes()
-        atomic_write(root / "state" / "rollback.cose", _seal_counters({}, state_key), faults)
+        atomic_write(root / "state" / "rollback.cose", _seal_counters({}, state_key, generation), faults)
         atomic_write(root / "device.json", json.dumps(dev_cfg, indent=2).encode() + b"\n", faults)
         return cls(root, faults)
 
@@ -277,10 +287,45 @@ class Device:
             data = read_capped(path, MAX_STATE_SIZE)
         except FileNotFoundError:
             raise StateCorruptError("state.rollback-missing", "anti-rollback counters are missing") from None
-        return _open_counters(data, self._state_key)
+        counters = _open_counters(data, self._state_key)
+        self._check_fresh(data)
+        return counters
+
+    def _nv_counter(self) -> Any:
+        """The TPM NV counter that is the counters' freshness root, on TPM-backed devices."""
+        if self._config.get("keystore") != "tpm":
+            return None
+        return self.keystore().counter(int(self._config["tpm"]["nv_index"]))  # type: ignore[attr-defined]
+
+    def _check_fresh(self, data: bytes) -> None:
+        """On a TPM-backed device, the counters file must carry the TPM counter's current value.
+
+        The file is written with generation n+1 before the TPM counter moves to n+1: a file one
+        ahead means the power failed in between (finish the increment); a file behind is a replay.
+        """
+        nv = self._nv_counter()
+        if nv is None:
+            return
+        generation, current = _counters_generation(data, self._state_key), nv.read()
+        if generation == current + 1:
+            nv.increment()
+        elif generation != current:
+            raise StateCorruptError(
+                "state.rollback-replay",
+                "the anti-rollback counters are older than the TPM's monotonic counter: a replayed copy",
+                got=generation,
+                expected=current,
+            )
 
     def _store_counters(self, counters: dict[str, int]) -> None:
-        atomic_write(self.root / "state" / "rollback.cose", _seal_counters(counters, self._state_key), self.faults)
+        nv = self._nv_counter()
+        generation = None if nv is None else nv.read() + 1
+        atomic_write(
+            self.root / "state" / "rollback.cose", _seal_counters(counters, self._state_key, generation), self.faults
+        )
+        if nv is not None:
+            self.faults.point("rollback.cose:tpm-increment")
+            nv.increment()
 
     # -- packages ---------------------------------------------------------------------------------
 
@@ -380,19 +425,25 @@ class Device:
                 root = self._read_secret(self.root / "keys" / "root.key", create=True)
                 self._keystore = SoftwareKeyStore(_KeyDir(self.root / "keys" / "store", self.faults), root)
             elif cfg == "pkcs11":
-                from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
-
-                p11 = self._config.get("pkcs11", {})
-                try:
-                    pin = Path(p11["pin_file"]).read_text().strip()
-                    self._keystore = Pkcs11KeyStore(p11["module"], p11["token"], pin)
-                except (KeyError, TypeError, OSError) as exc:
-                    raise StateCorruptError(
-                        "state.config", f"pkcs11 key store configuration unusable: {exc}", subject=str(self.root)
-                    ) from exc
+                self._keystore = _open_pkcs11(self._config.get("pkcs11", {}))
+            elif cfg == "tpm":
+                self._keystore = _open_tpm(self._config.get("tpm", {}), self.root)
             else:
                 raise StateCorruptError("state.config", "unknown key store backend", got=cfg)
         return self._keystore
+
+    def close(self) -> None:
+        """Releases the key store (a TPM or token session), if one was opened."""
+        store, self._keystore = self._keystore, None
+        closer = getattr(store, "close", None)
+        if callable(closer):
+            closer()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def state_mac_key(self) -> bytes:
@@ -511,6 +562,19 @@ class Device:
         }
 
 
+def _open_tpm(config: dict[str, Any], root: Path) -> Any:
+    """The TPM key store a device configuration names (key files in DIR/keys/tpm)."""
+    try:
+        from ism.crypto.keystore.tpm import TpmKeyStore
+    except ImportError as exc:
+        raise UsageError("device.keystore", "the tpm backend needs tpm2-pytss (pip install 'ism[tpm]')") from exc
+    try:
+        tcti = str(config["tcti"])
+    except (KeyError, TypeError) as exc:
+        raise UsageError("device.keystore", "tpm key store configuration needs a tcti") from exc
+    return TpmKeyStore(tcti, root / "keys" / "tpm")
+
+
 def _open_pkcs11(config: dict[str, Any]) -> Any:
     """The PKCS#11 key store a device configuration names (the PIN is read from its file)."""
     from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
@@ -542,8 +606,20 @@ def _refused(ms: str, path: Path, exc: IsmError) -> BootEntry:
     )
 
 
-def _seal_counters(counters: dict[str, int], key: bytes) -> bytes:
-    return cose.mac0(cbor.dumps({1: FORMAT, 2: counters}), key)
+def _seal_counters(counters: dict[str, int], key: bytes, generation: int | None = None) -> bytes:
+    body: dict[int, Any] = {1: FORMAT, 2: counters}
+    if generation is not None:
+        body[3] = generation
+    return cose.mac0(cbor.dumps(body), key)
+
+
+def _counters_generation(data: bytes, key: bytes) -> int | None:
+    """The freshness generation sealed with the counters (TPM-backed devices), if any."""
+    msg = cose.parse(data, expect="mac0")
+    cose.verify_mac0(msg, key)
+    body = cbor.loads(msg.payload or b"")
+    generation = body.get(3) if isinstance(body, dict) else None
+    return generation if isinstance(generation, int) and not isinstance(generation, bool) else None
 
 
 def _open_counters(data: bytes, key: bytes) -> dict[str, int]:

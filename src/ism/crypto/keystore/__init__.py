@@ -2,9 +2,10 @@
 
 Owns: the :class:`KeyStore` protocol every backend implements, the key types
 and the key-id rule. Backends: ``software`` (:mod:`.software`, the default:
-keys wrapped under the device root key in the device directory) and
+keys wrapped under the device root key in the device directory),
 ``pkcs11`` (:mod:`.pkcs11`, a real token through PKCS#11; tested against
-SoftHSM2).
+SoftHSM2) and ``tpm`` (:mod:`.tpm`, TPM 2.0 objects under a storage primary
+key, with NV counters for anti-rollback; tested against swtpm).
 Must not import: device, hypervisor or anything above.
 
 Threat: private keys leaving the key store. The interface has no operation
