@@ -14,6 +14,7 @@ record says why.
 from __future__ import annotations
 
 import time
+import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,36 @@ from ism.services.identity import IdentityService
 from ism.services.storage import SecureStorage
 from ism.services.storage_host import StorageService
 
-__all__ = ["STORAGE_KEY_ID", "Runtime"]
+__all__ = ["STORAGE_KEY_ID", "Runtime", "erase_microservice", "open_storage"]
 
 #: the device storage key in the key store; per-microservice storage keys are derived from it
 STORAGE_KEY_ID = "device.storage"
 STORAGE_DB = Path("state") / "storage.sqlite"
+
+
+def open_storage(device: Device) -> SecureStorage:
+    """The device's secure storage (its key in the device key store, its freshness root in DIR/state)."""
+    keystore = device.keystore()
+    if not keystore.exists(STORAGE_KEY_ID):
+        keystore.generate(STORAGE_KEY_ID, "aes-256")
+    return SecureStorage(
+        device.root / STORAGE_DB,
+        device.root / "state" / "storage-root.cose",
+        keystore,
+        STORAGE_KEY_ID,
+        device.state_mac_key,
+        device.faults,
+    )
+
+
+def erase_microservice(device: Device, ms_uuid: uuidlib.UUID, key_names: list[str]) -> None:
+    """Crypto-erases a microservice: its storage namespace and every key the policy granted it."""
+    storage = open_storage(device)
+    try:
+        storage.erase(ms_uuid)
+    finally:
+        storage.close()
+    CryptoService(device.keystore()).erase(str(ms_uuid), key_names)
 
 
 @dataclass
@@ -85,16 +111,7 @@ class Runtime:
         identity = IdentityService(keystore, device.identity_ca(), device.instance_id, registrations, crypto)
         if identity.ca_der != device.identity_ca():
             device.store_identity_ca(identity.ca_der)
-        if not keystore.exists(STORAGE_KEY_ID):
-            keystore.generate(STORAGE_KEY_ID, "aes-256")
-        storage = SecureStorage(
-            root / STORAGE_DB,
-            root / "state" / "storage-root.cose",
-            keystore,
-            STORAGE_KEY_ID,
-            device.state_mac_key,
-            device.faults,
-        )
+        storage = open_storage(device)
         services = {**crypto.calls(), **identity.calls(), **StorageService(storage).calls()}
         supervisor = Supervisor(
             images, policy.by_uuid, peripherals, outbox.append, services, clock=clock, on_log=on_log

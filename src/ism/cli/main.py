@@ -328,6 +328,26 @@ def _print_records(records: list[dict[str, Any]]) -> None:
             print(f"      at {frame}")
 
 
+def cmd_device_erase(args: argparse.Namespace) -> None:
+    from ism.runtime import erase_microservice
+
+    with Device(args.dir) as dev:
+        entry = dev.policy().by_name.get(args.microservice)
+        try:
+            ms_uuid = entry.uuid if entry is not None else uuidlib.UUID(args.microservice)
+        except ValueError:
+            raise UsageError(
+                "cli.argument", "name a microservice of the policy, or a UUID", got=args.microservice
+            ) from None
+        keys = sorted(entry.keys) if entry is not None else []
+        erase_microservice(dev, ms_uuid, keys)
+    _emit(
+        args,
+        {"erased": str(ms_uuid), "keys": keys},
+        f"crypto-erased {args.microservice}: its storage namespace and keys {keys} are gone",
+    )
+
+
 def cmd_device_violations(args: argparse.Namespace) -> None:
     outbox = Device(args.dir).outbox()
     try:
@@ -494,6 +514,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--for", dest="seconds", type=float, default=10.0, help="seconds to run (default 10)")
     run.add_argument("--uart-port", type=int, help="serve uart.host on 127.0.0.1:PORT (0 picks a port)")
     run.add_argument("--finger", type=Path, help="place this 64-byte finger on the fingerprint sensor")
+    era = add(
+        dev,
+        "erase",
+        cmd_device_erase,
+        "crypto-erase a microservice's storage and keys (its records become unreadable, even from copies)",
+    )
+    era.add_argument("dir", type=Path)
+    era.add_argument("microservice", help="microservice name (from the policy) or UUID")
     vio = add(dev, "violations", cmd_device_violations, "list the violation records in the device's outbox")
     vio.add_argument("dir", type=Path)
     vio.add_argument("--all", action="store_true", help="include records the store acknowledged")
