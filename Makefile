@@ -38,7 +38,7 @@ lint: $(TEST_STAMP)
 unit: examples $(TEST_STAMP)
 	$(BIN)/pytest -q
 
-BENCHMARKS := boot cose hostcall gateway density services
+BENCHMARKS := boot cose hostcall gateway density services attest
 
 bench: $(TEST_STAMP)
 	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done

@@ -70,6 +70,7 @@ ISM_IMPORT("storage_remove") int32_t ism_storage_remove(int64_t uid);
 ISM_IMPORT("identity_id") int32_t ism_identity_id(uint8_t id_out[32]);
 ISM_IMPORT("identity_cert") int32_t ism_identity_cert(int32_t handle, void *out, int32_t out_cap);
 ISM_IMPORT("trust_bundle") int32_t ism_trust_bundle(void *out, int32_t out_cap);
+ISM_IMPORT("attest") int32_t ism_attest(const void *nonce, int32_t nonce_len, void *out, int32_t out_cap);
 
 /* Exports the supervisor calls (define the ones you need):
  *   int32_t init(void);

@@ -13,6 +13,7 @@ record says why.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -25,14 +26,15 @@ from ism.device.virtual import BootReport, Device
 from ism.errors import IsmError
 from ism.formats import wasm
 from ism.formats.board import Board
-from ism.formats.policy import Policy, check_module
+from ism.formats.policy import Policy, check_module, policy_digest
 from ism.hypervisor.supervisor import Image, Supervisor
+from ism.services.attestation import AttestationService, attested
 from ism.services.crypto import CryptoService
 from ism.services.identity import IdentityService
 from ism.services.storage import SecureStorage
 from ism.services.storage_host import StorageService
 
-__all__ = ["STORAGE_KEY_ID", "Runtime", "erase_microservice", "open_storage"]
+__all__ = ["STORAGE_KEY_ID", "Runtime", "attestation_service", "erase_microservice", "open_storage"]
 
 #: the device storage key in the key store; per-microservice storage keys are derived from it
 STORAGE_KEY_ID = "device.storage"
@@ -51,6 +53,25 @@ def open_storage(device: Device) -> SecureStorage:
         STORAGE_KEY_ID,
         device.state_mac_key,
         device.faults,
+    )
+
+
+#: supervisor state -> the microservice lifecycle state attested (docs/attestation.md)
+_LIFECYCLE = {"running": "active", "restarting": "active", "stopped": "suspended", "quarantined": "quarantined"}
+
+
+def attestation_service(
+    device: Device, report: BootReport, policy: Policy | None, states: Callable[[uuidlib.UUID], str | None]
+) -> AttestationService:
+    """The attestation service for what this boot accepted (policy digests from ``policy`` when configured)."""
+
+    def digest(ms_uuid: uuidlib.UUID) -> bytes:
+        entry = policy.get(ms_uuid) if policy is not None else None
+        return policy_digest(entry) if entry is not None else hashlib.sha256(b"ism: no policy entry").digest()
+
+    microservices = {b.uuid: attested(b, digest) for b in report.accepted}
+    return AttestationService(
+        device.keystore(), device.instance_id, microservices, states=lambda ms_uuid: states(ms_uuid) or "active"
     )
 
 
@@ -78,6 +99,7 @@ class Runtime:
     crypto: CryptoService
     identity: IdentityService
     storage: SecureStorage
+    attestation: AttestationService
 
     @classmethod
     def start(
@@ -112,9 +134,19 @@ class Runtime:
         if identity.ca_der != device.identity_ca():
             device.store_identity_ca(identity.ca_der)
         storage = open_storage(device)
-        services = {**crypto.calls(), **identity.calls(), **StorageService(storage).calls()}
+        states: dict[uuidlib.UUID, str] = {}
+        attestation = attestation_service(device, report, policy, states.get)
+        services = {
+            **crypto.calls(),
+            **identity.calls(),
+            **StorageService(storage).calls(),
+            **attestation.calls(),
+        }
         supervisor = Supervisor(
             images, policy.by_uuid, peripherals, outbox.append, services, clock=clock, on_log=on_log
+        )
+        attestation.states = lambda ms_uuid: _LIFECYCLE.get(
+            str(supervisor.microservices[ms_uuid].state) if ms_uuid in supervisor.microservices else "", "installed"
         )
         for image, error in refused:
             supervisor.record(image, error.rule, error.message, 1, "not started")
@@ -127,7 +159,9 @@ class Runtime:
                 "not started",
             )
         supervisor.start()
-        return cls(device, report, board, policy, peripherals, outbox, supervisor, crypto, identity, storage)
+        return cls(
+            device, report, board, policy, peripherals, outbox, supervisor, crypto, identity, storage, attestation
+        )
 
     @property
     def storage_path(self) -> Path:

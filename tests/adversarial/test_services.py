@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from _malicious import ITOA, SAY_N, World, build, module
+from _malicious import ITOA, SAY_N, TICKER, TICKER_POLICY, World, build, module
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -194,3 +194,54 @@ def test_certificates_are_cached_then_renewed_before_expiry() -> None:
         x509.load_der_x509_certificate(renewed).not_valid_after_utc
         > x509.load_der_x509_certificate(first).not_valid_after_utc
     )
+
+
+#: Asks for its own attestation token with a nonce from the verifier (at 0), logs the token length;
+#: then with a 5-byte nonce (refused: ISM_EINVAL = -1).
+ATTESTER = module(
+    "log attest",
+    ITOA
+    + SAY_N
+    + """
+  (data (i32.const 100) "token ")
+  (func (export "init") (result i32) (i32.const 0))
+  (func (export "tick") (result i32)
+    (call $say_n (i32.const 100) (i32.const 6) (call $attest (i32.const 0) (i32.const 32) (i32.const 4096)
+      (i32.const 8192)))
+    (call $say_n (i32.const 100) (i32.const 6) (call $attest (i32.const 0) (i32.const 5) (i32.const 4096)
+      (i32.const 8192)))
+    (i32.const 0))
+""",
+)
+
+
+def test_a_microservice_token_carries_its_own_claims_and_its_nonce() -> None:
+    from ism.crypto.attestation import verify_token
+    from ism.crypto.keys import pem_from_der, read_public_pem
+    from ism.services.attestation import AttestationService, AttestedMicroservice
+
+    world = build({"attester": (ATTESTER, TIMER), "ticker": (TICKER, TICKER_POLICY)})
+    crypto = world.sup.services["key_open"].__self__
+    registered = {
+        img.uuid: AttestedMicroservice(img.uuid, img.name, img.version, 1, img.measurement, img.signer, bytes(32))
+        for img in world.images.values()
+    }
+    service = AttestationService(crypto.keystore, b"\x01" + bytes(32), registered)
+    world.sup.services.update(service.calls())
+    world.run(0)  # start, so the nonce can be placed in the attester's memory before its tick
+    nonce = os.urandom(32)
+    sb = world.sup.by_name["attester"].sandbox
+    assert sb is not None
+    sb.write(0, nonce)
+    world.run(1)
+    size_line, refused_line = world.lines("attester")
+    assert refused_line == "token -1"
+    token = sb.read(4096, int(size_line.split()[1]))
+    verified = verify_token(token, read_public_pem(pem_from_der(service.public_key_der)), nonce=nonce)
+    claims = verified.claims
+    assert claims.profile == "tag:ism.example,2026:microservice"
+    assert claims.microservice is not None
+    assert claims.microservice.uuid == world.images["attester"].uuid
+    assert claims.microservice.measurement == world.images["attester"].measurement
+    assert claims.client_id < 0
+    assert {c.measurement_type for c in claims.software_components} == {"ism", "attester", "ticker"}

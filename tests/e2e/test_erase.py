@@ -6,59 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import wasmtime
-
 from ism.boards.virtual import Fingerprint, Uart
 from ism.cli.main import main
 from ism.runtime import Runtime
-
-TOKEN = Path(__file__).resolve().parents[2] / "examples" / "fingerprint-token"
-NAMES = ("biometric", "authenticator", "link", "analytics")
-
-
-@pytest.fixture
-def device(tmp_path: Path) -> Path:
-    dev, key = tmp_path / "device", tmp_path / "dev.pem"
-    assert main(["keygen", "--out", str(key)]) == 0
-    assert main(["device", "init", str(dev)]) == 0
-    assert main(["device", "trust", str(dev), "--add", str(tmp_path / "dev.pub.pem")]) == 0
-    assert (
-        main(
-            [
-                "device",
-                "configure",
-                str(dev),
-                "--board",
-                str(TOKEN / "board.toml"),
-                "--policy",
-                str(TOKEN / "policy.toml"),
-            ]
-        )
-        == 0
-    )
-    for name in NAMES:
-        wasm, suit = tmp_path / f"{name}.wasm", tmp_path / f"{name}.suit"
-        wasm.write_bytes(bytes(wasmtime.wat2wasm((TOKEN / name / f"{name}.wat").read_text())))
-        assert (
-            main(
-                [
-                    "package",
-                    "build",
-                    "--wasm",
-                    str(wasm),
-                    "--meta",
-                    str(TOKEN / name / f"{name}.toml"),
-                    "--key",
-                    str(key),
-                    "--out",
-                    str(suit),
-                ]
-            )
-            == 0
-        )
-        assert main(["device", "install", str(dev), str(suit)]) == 0
-    return dev
 
 
 def _session(dev: Path, frames: list[bytes], finger: bytes) -> tuple[list[bytes], bytes]:
@@ -80,7 +30,8 @@ def _session(dev: Path, frames: list[bytes], finger: bytes) -> tuple[list[bytes]
         runtime.close()
 
 
-def test_erase_forgets_the_template_and_the_key(device: Path, tmp_path: Path) -> None:
+def test_erase_forgets_the_template_and_the_key(token_device: Path, tmp_path: Path) -> None:
+    device = token_device
     owner = os.urandom(64)
     replies, key_before = _session(device, [b"E", b"C" + os.urandom(32)], owner)
     assert replies[0] == b"\x45\x00"

@@ -23,6 +23,7 @@ NOT_RULES = {
     "state.key",
     "device.storage",
     "device.identity-ca",
+    "device.iak",
     "storage.sqlite",
 }
 

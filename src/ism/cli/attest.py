@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from ism.cli._io import read_file
 from ism.crypto.attestation import MAX_TOKEN, Appraisal, VerifiedToken, appraise, verify_token
 from ism.crypto.keys import load_public
 from ism.errors import IsmError, TrustError, UsageError
@@ -32,18 +33,6 @@ MAX_HMAC_KEY: Final = 1024
 
 #: ``add(parent, name, func, help_, json_opt=True) -> ArgumentParser`` of ``ism.cli.main``.
 AddCommand = Callable[..., argparse.ArgumentParser]
-
-
-def _read_capped(path: Path, what: str, limit: int) -> bytes:
-    """Reads at most ``limit + 1`` bytes so an oversized file is noticed without reading it all."""
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise UsageError("cli.read", f"cannot read {what}: {exc.strerror}", subject=str(path)) from exc
-    if len(data) > limit:
-        raise UsageError("cli.too-large", f"{what} is larger than {limit} bytes", subject=str(path))
-    return data
 
 
 def _nonce(text: str | None) -> bytes | None:
@@ -98,13 +87,13 @@ def cmd_attest_verify(args: argparse.Namespace) -> None:
     as_json = getattr(args, "json", False)
     result: dict[str, Any] = {"valid": False, "token": str(args.token)}
     try:
-        data = _read_capped(args.token, "token", MAX_TOKEN)
+        data = read_file(args.token, "token", MAX_TOKEN)
         nonce = _nonce(args.nonce)
         key = load_public(args.key) if args.key else None
-        hmac_key = _read_capped(args.hmac_key, "HMAC key", MAX_HMAC_KEY) if args.hmac_key else None
+        hmac_key = read_file(args.hmac_key, "HMAC key", MAX_HMAC_KEY) if args.hmac_key else None
         reference: Reference | None = None
         if args.ref:
-            reference = parse_reference(_read_capped(args.ref, "reference", MAX_REFERENCE), str(args.ref))
+            reference = parse_reference(read_file(args.ref, "reference", MAX_REFERENCE), str(args.ref))
         verified = verify_token(data, key=key, hmac_key=hmac_key, nonce=nonce)
     except IsmError as exc:
         if as_json:

@@ -113,6 +113,52 @@ def _storage_isolation(runtime: object) -> None:
     db.close()
 
 
+def _attest(runtime: object, out: Path) -> None:
+    """A relying party asks for the device token and appraises it against the vendor's reference values."""
+    import json
+
+    from ism.cli.attest import format_summary
+    from ism.crypto.attestation import appraise, verify_token
+    from ism.crypto.keys import pem_from_der, read_public_pem
+    from ism.formats import package, suit
+    from ism.formats.psa import parse_reference
+    from ism.runtime import Runtime
+
+    assert isinstance(runtime, Runtime)
+    from ism.services.attestation import ism_measurement
+
+    components: list[dict[str, object]] = [{"name": "ism", "measurements": [ism_measurement().hex()]}]
+    for name in TOKEN:
+        pkg = package.read_package(suit.parse_envelope((out / f"{name}.suit").read_bytes()))
+        components.append(
+            {
+                "name": name,
+                "uuid": str(pkg.meta.uuid),
+                "measurements": [pkg.measurement.hex()],
+                "min_version": pkg.meta.version,
+            }
+        )
+    reference = {"version": 1, "lifecycles": ["secured"], "unknown_components": "warning", "components": components}
+    (out / "reference.json").write_text(json.dumps(reference, indent=2))
+    nonce = os.urandom(32)
+    token = runtime.attestation.device_token(nonce)
+    (out / "device-token.cbor").write_bytes(token)
+    iak = read_public_pem(pem_from_der(runtime.attestation.public_key_der))
+    verified = verify_token(token, iak, nonce=nonce)
+    print(
+        f"\nattestation: device token ({len(token)} bytes) for a fresh nonce, appraised against "
+        f"{out / 'reference.json'}"
+    )
+    print(
+        "\n".join(
+            "   " + line
+            for line in format_summary(
+                verified, appraise(verified, parse_reference(json.dumps(reference)))
+            ).splitlines()
+        )
+    )
+
+
 def run_demo(examples: Path, out: Path) -> None:
     """Runs the demo in ``out`` (recreated) using modules built in ``examples``."""
     from ism.device.virtual import Device
@@ -192,6 +238,7 @@ def run_demo(examples: Path, out: Path) -> None:
             f"{'signature VERIFIES' if ok else 'FAILED'}"
         )
         _storage_isolation(runtime)
+        _attest(runtime, out)
         print("\nmicroservice states:")
         for st in sup.status():
             print(f"   {st['name']:14} {st['state']:12} faults={st['faults']} restarts={st['restarts']}")

@@ -18,9 +18,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ism.cli._io import read_file, write_file
+from ism.cli.attest import add_attest_commands, format_summary
 from ism.crypto import cose
 from ism.crypto import suit as suit_auth
-from ism.crypto.keys import PublicKey, generate, load_private, load_public, signer_id, write_keypair
+from ism.crypto.keys import (
+    PublicKey,
+    generate,
+    load_private,
+    load_public,
+    pem_from_der,
+    read_public_pem,
+    signer_id,
+    write_keypair,
+)
 from ism.device.trust.boot import check_package
 from ism.device.virtual import Device
 from ism.errors import IsmError, UsageError
@@ -30,25 +41,13 @@ from ism.formats.downgrade import Downgrade
 
 __all__ = ["main"]
 
-MAX_INPUT = 64 * 1024 * 1024
-
 
 def _read(path: Path, what: str = "file") -> bytes:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_INPUT + 1)
-    except OSError as exc:
-        raise UsageError("cli.read", f"cannot read {what}: {exc.strerror}", subject=str(path)) from exc
-    if len(data) > MAX_INPUT:
-        raise UsageError("cli.too-large", f"{what} is larger than {MAX_INPUT} bytes", subject=str(path))
-    return data
+    return read_file(path, what)
 
 
 def _write(path: Path, data: bytes) -> None:
-    try:
-        path.write_bytes(data)
-    except OSError as exc:
-        raise UsageError("cli.write", f"cannot write: {exc.strerror}", subject=str(path)) from exc
+    write_file(path, data)
 
 
 def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
@@ -299,8 +298,6 @@ def cmd_device_configure(args: argparse.Namespace) -> None:
 
 
 def cmd_device_key(args: argparse.Namespace) -> None:
-    from cryptography.hazmat.primitives import serialization
-
     from ism.services.crypto import key_store_id
 
     dev = Device(args.dir)
@@ -312,11 +309,7 @@ def cmd_device_key(args: argparse.Namespace) -> None:
         raise UsageError(
             "cli.argument", "name a microservice of the policy, or a UUID", got=args.microservice
         ) from None
-    pem = (
-        serialization.load_der_public_key(der)
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
+    pem = pem_from_der(der).decode()
     _emit(args, {"microservice": ms_uuid, "key": args.key, "public_pem": pem}, pem.rstrip())
 
 
@@ -408,6 +401,34 @@ def cmd_device_run(args: argparse.Namespace) -> None:
         if bridge is not None:
             bridge.close()
         runtime.close()
+
+
+def cmd_device_attest(args: argparse.Namespace) -> None:
+    from ism.crypto.attestation import verify_token
+    from ism.runtime import attestation_service
+
+    try:
+        nonce = bytes.fromhex(args.nonce)
+    except ValueError:
+        raise UsageError("cli.argument", "--nonce must be hex", got=args.nonce) from None
+    if len(nonce) not in (32, 48, 64):
+        raise UsageError("cli.argument", "--nonce must be 32, 48 or 64 bytes", got=len(nonce))
+    with Device(args.dir) as dev:
+        report = dev.boot()
+        policy = dev.policy() if dev.configured() else None
+        service = attestation_service(dev, report, policy, lambda _uuid: None)
+        token = service.device_token(nonce)
+        iak_pem = pem_from_der(service.public_key_der)
+        iak_path = dev.root / "keys" / "iak.pub.pem"
+        _write(iak_path, iak_pem)
+    _write(args.out, token)
+    verified = verify_token(token, read_public_pem(iak_pem), nonce=nonce)
+    _emit(
+        args,
+        {"token": str(args.out), "size": len(token), "iak": str(iak_path), **verified.to_json()},
+        f"wrote {args.out} ({len(token)} bytes), signed by the initial attestation key {iak_path}\n"
+        + format_summary(verified),
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -529,6 +550,12 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("dir", type=Path)
     key.add_argument("microservice", help="microservice name (from the policy) or UUID")
     key.add_argument("key", help="key name (as granted in the policy)")
+
+    att = add(dev, "attest", cmd_device_attest, "boot the device and produce its PSA attestation token")
+    att.add_argument("dir", type=Path)
+    att.add_argument("--nonce", required=True, help="the verifier's nonce (hex, 32, 48 or 64 bytes)")
+    att.add_argument("--out", type=Path, required=True, help="where to write the token (COSE_Sign1)")
+    add_attest_commands(sub, add)
 
     dm = add(sub, "demo", cmd_demo, "run the demonstration story", json_opt=False)
     dm.add_argument("--examples", type=Path, default=Path("build/examples"), help="built example modules")

@@ -52,6 +52,7 @@ __all__ = [
     "appraise",
     "compare_versions",
     "mac_token",
+    "sign_payload",
     "sign_token",
     "verify_token",
 ]
@@ -82,7 +83,11 @@ def sign_token(claims: Claims, key: PrivateKey | Signer, *, kid: bytes | None = 
         UsageError: ``attest.key`` for a key that is not P-256, or a signer
             that does not return 64 bytes.
     """
-    payload = claims.encode()
+    return sign_payload(claims.encode(), key, kid=kid)
+
+
+def sign_payload(payload: bytes, key: PrivateKey | Signer, *, kid: bytes | None = None) -> bytes:
+    """:func:`sign_token` for an already encoded claims-set (the caller vouches for its claims)."""
     if isinstance(key, ec.EllipticCurvePrivateKey):
         if not isinstance(key.curve, ec.SECP256R1):
             raise UsageError("attest.key", "attestation keys are P-256 (ES256)", got=key.curve.name)

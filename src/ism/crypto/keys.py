@@ -34,6 +34,7 @@ __all__ = [
     "key_alg",
     "load_private",
     "load_public",
+    "pem_from_der",
     "public_pem",
     "read_public_pem",
     "signer_id",
@@ -67,6 +68,15 @@ def public_pem(key: PrivateKey | PublicKey) -> bytes:
     """The SubjectPublicKeyInfo PEM of a key."""
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) else key
     return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def pem_from_der(der: bytes) -> bytes:
+    """The PEM of a SubjectPublicKeyInfo DER (as key stores export public keys)."""
+    try:
+        key = serialization.load_der_public_key(der)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise FormatError("keys.der", "not a DER SubjectPublicKeyInfo") from exc
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def signer_id(key: PublicKey | PrivateKey) -> bytes:

@@ -117,6 +117,7 @@ class Booted:
     payload: bytes = field(repr=False)
     #: "full" (parsed and verified now) or "sealed" (unchanged since a full verification)
     verified: str = "sealed"
+    certifications: tuple[str, ...] = ()
 
     @classmethod
     def from_sealed(cls, record: Sealed, payload: bytes, verified: str = "sealed") -> Booted:
@@ -131,6 +132,7 @@ class Booted:
             record.downgraded and verified == "full",
             payload,
             verified,
+            record.certifications,
         )
 
 

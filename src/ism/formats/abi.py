@@ -109,4 +109,6 @@ HOST_ABI: Final[Mapping[tuple[str, str], FuncType]] = {
     (MODULE, "identity_id"): _f(1),  # out (32 bytes): this instance's ID
     (MODULE, "identity_cert"): _f(3),  # key handle, out, out_cap -> n (X.509 DER, issued by the device CA)
     (MODULE, "trust_bundle"): _f(2),  # out, out_cap -> n (the device identity CA certificate, DER)
+    # attestation service
+    (MODULE, "attest"): _f(4),  # nonce, nonce_len (32/48/64), out, out_cap -> n (a PSA token, COSE_Sign1)
 }

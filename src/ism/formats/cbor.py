@@ -23,6 +23,7 @@ and :data:`UNDEFINED`.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any, Final
 
 from ism.errors import FormatError
 
-__all__ = ["UNDEFINED", "Limits", "Tag", "dumps", "loads"]
+__all__ = ["UNDEFINED", "Limits", "Raw", "Tag", "dumps", "loads"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,17 @@ class Tag:
 
     number: int
     value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """An item that is already CBOR-encoded: :func:`dumps` inserts ``encoded`` verbatim.
+
+    For encoders that reuse parts which do not change (the caller vouches that
+    ``encoded`` is one well-formed, deterministically encoded item).
+    """
+
+    encoded: bytes
 
 
 class _Undefined:
@@ -144,6 +156,15 @@ class _Decoder:
                 return data[start + 1 : end]
             if major == 1:
                 return -1 - info
+            if major == 3:
+                end = start + 1 + info
+                if end > len(data):
+                    raise _fail("truncated", f"needs {info} bytes", start)
+                self.pos = end
+                try:
+                    return data[start + 1 : end].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _fail("utf8", "text string is not valid UTF-8", start) from None
         if major == 7:
             return self._simple(info, start)
         arg = self._argument(info, start)
@@ -317,9 +338,12 @@ def loads(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMITS
     return value
 
 
+_SMALL_HEADS: Final = tuple(tuple(bytes([(major << 5) | n]) for n in range(24)) for major in range(8))
+
+
 def _head(major: int, n: int) -> bytes:
     if n < 24:
-        return bytes([(major << 5) | n])
+        return _SMALL_HEADS[major][n]
     if n < 0x100:
         return bytes([(major << 5) | 24, n])
     if n < 0x10000:
@@ -355,7 +379,7 @@ def _encode(value: Any, out: list[bytes]) -> None:
         for item in value:
             _encode(item, out)
     elif isinstance(value, dict):
-        pairs = sorted((dumps(k), v) for k, v in value.items())
+        pairs = sorted((_key_bytes(k), v) for k, v in value.items())
         out.append(_head(5, len(pairs)))
         for key, item in pairs:
             out.append(key)
@@ -363,10 +387,26 @@ def _encode(value: Any, out: list[bytes]) -> None:
     elif isinstance(value, Tag):
         out.append(_head(6, value.number))
         _encode(value.value, out)
+    elif isinstance(value, Raw):
+        out.append(value.encoded)
     elif isinstance(value, float):
         out.append(_float(value))
     else:
         raise FormatError("cbor.unencodable", f"cannot encode {type(value).__name__}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_key(key: int | str) -> bytes:
+    out: list[bytes] = []
+    _encode(key, out)
+    return b"".join(out)
+
+
+def _key_bytes(key: Any) -> bytes:
+    """The encoded form of a map key (small int and text keys, the common case, are cached)."""
+    if type(key) is int or type(key) is str:
+        return _cached_key(key)
+    return dumps(key)
 
 
 def _float(value: float) -> bytes:

@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import tomllib
 import uuid as uuidlib
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ism.errors import FormatError
+from ism.formats import cbor
 from ism.formats.board import MODE_BITS, Board, mode_bits
 from ism.formats.wasm import WasmModule
 
@@ -51,6 +53,7 @@ __all__ = [
     "check_module",
     "check_modules",
     "parse_policy",
+    "policy_digest",
 ]
 
 GATEWAY_EXPORT_PREFIX: Final = "op_"
@@ -396,6 +399,28 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
         by_name[name] = new
         by_uuid[new.uuid] = new
     return Policy(version, board.name, by_uuid, by_name)
+
+
+def policy_digest(entry: MicroservicePolicy) -> bytes:
+    """SHA-256 of the deterministic CBOR of a microservice's compiled policy entry (attested as ms-policy-digest)."""
+    restart = entry.restart
+    body = {
+        "name": entry.name,
+        "uuid": entry.uuid.bytes,
+        "resources": dict(entry.resources),
+        "gateways": sorted(f"{callee}.{op}" for callee, op in entry.gateways),
+        "exports": sorted(entry.exports),
+        "keys": {name: [grant.type, sorted(grant.usage)] for name, grant in entry.keys.items()},
+        "limits": [entry.storage, entry.memory_pages, entry.fuel, entry.stack, entry.deadline_ms],
+        "restart": [
+            restart.policy,
+            restart.max_faults,
+            str(restart.window),
+            restart.backoff_ms,
+            restart.max_backoff_ms,
+        ],
+    }
+    return hashlib.sha256(cbor.dumps(body)).digest()
 
 
 def check_module(entry: MicroservicePolicy, module: WasmModule) -> None:

@@ -63,9 +63,11 @@ class Sealed:
     downgraded: bool
     payload_offset: int
     payload_length: int
+    certifications: tuple[str, ...] = ()
 
     def encode(self) -> list[Any]:
         return [
+            list(self.certifications),
             self.file_digest,
             self.uuid,
             self.name,
@@ -80,11 +82,13 @@ class Sealed:
 
     @classmethod
     def decode(cls, raw: Any) -> Sealed:
-        if not isinstance(raw, list) or len(raw) != 10:
+        if not isinstance(raw, list) or len(raw) != 11:
             raise FormatError("boot.sealed", "sealed boot record has the wrong shape")
-        digest, uid, name, version, seq, measurement, signer, downgraded, offset, length = raw
+        certs, digest, uid, name, version, seq, measurement, signer, downgraded, offset, length = raw
         ok = (
-            isinstance(digest, bytes)
+            isinstance(certs, list)
+            and all(isinstance(c, str) for c in certs)
+            and isinstance(digest, bytes)
             and len(digest) == 32
             and isinstance(uid, bytes)
             and len(uid) == 16
@@ -99,7 +103,7 @@ class Sealed:
         )
         if not ok:
             raise FormatError("boot.sealed", "sealed boot record has a field of the wrong type")
-        return cls(digest, uid, name, version, seq, measurement, signer, downgraded, offset, length)
+        return cls(digest, uid, name, version, seq, measurement, signer, downgraded, offset, length, tuple(certs))
 
 
 def seal(accepted: Accepted, data: bytes) -> Sealed:
@@ -121,6 +125,7 @@ def seal(accepted: Accepted, data: bytes) -> Sealed:
         accepted.downgraded,
         offset,
         len(pkg.payload),
+        meta.certifications,
     )
 
 
