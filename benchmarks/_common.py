@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ism.crypto.keystore.software import MemoryKeyFiles
+
 __all__ = [
     "HOSTCALL_WAT",
     "MemoryKeyFiles",
@@ -352,23 +354,3 @@ class RawGuest:
 
     def write(self, ptr: int, data: bytes) -> None:
         self.memory.write(self.store, data, ptr)
-
-
-class MemoryKeyFiles:
-    """Sealed key blobs in a dict: a software key store's ``KeyFiles``, in memory.
-
-    The benchmarks' steady state reads no key file (the key store caches what
-    it has unsealed), so keeping the blobs in memory only changes one-off costs.
-    """
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def read(self, name: str) -> bytes | None:
-        return self.blobs.get(name)
-
-    def write(self, name: str, data: bytes) -> None:
-        self.blobs[name] = data
-
-    def remove(self, name: str) -> None:
-        self.blobs.pop(name, None)

@@ -24,7 +24,7 @@ import wasmtime
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ism.boards.virtual import Peripheral, make_peripherals
-from ism.crypto.keystore.software import SoftwareKeyStore
+from ism.crypto.keystore.software import MemoryKeyFiles, SoftwareKeyStore
 from ism.formats import wasm
 from ism.formats.abi import HOST_ABI
 from ism.formats.board import Board, parse_board
@@ -337,22 +337,6 @@ class World:
             "states": {n: self.state(n) for n in names},
             "records": [r for r in self.records if r["name"] in names],
         }
-
-
-class MemoryKeyFiles:
-    """Sealed key blobs in a dict (the software key store's storage, in memory)."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def read(self, name: str) -> bytes | None:
-        return self.blobs.get(name)
-
-    def write(self, name: str, data: bytes) -> None:
-        self.blobs[name] = data
-
-    def remove(self, name: str) -> None:
-        self.blobs.pop(name, None)
 
 
 class RecordingKeyStore(SoftwareKeyStore):

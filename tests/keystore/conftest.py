@@ -19,26 +19,10 @@ from _swtpm import Swtpm, find_swtpm, start_swtpm
 
 from ism.crypto.keystore import KeyStore
 from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
-from ism.crypto.keystore.software import SoftwareKeyStore
+from ism.crypto.keystore.software import MemoryKeyFiles, SoftwareKeyStore
 from ism.crypto.keystore.tpm import TpmKeyStore
 
 BACKENDS = ("software", "pkcs11", "tpm")
-
-
-class MemoryFiles:
-    """An in-memory KeyFiles: sealed blobs in a dict."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def read(self, name: str) -> bytes | None:
-        return self.blobs.get(name)
-
-    def write(self, name: str, data: bytes) -> None:
-        self.blobs[name] = bytes(data)
-
-    def remove(self, name: str) -> None:
-        self.blobs.pop(name, None)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +66,7 @@ def tpm_store(swtpm: Swtpm, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture
 def software_store() -> SoftwareKeyStore:
-    return SoftwareKeyStore(MemoryFiles(), bytes(range(32)))
+    return SoftwareKeyStore(MemoryKeyFiles(), bytes(range(32)))
 
 
 @pytest.fixture(params=BACKENDS)

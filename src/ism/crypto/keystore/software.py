@@ -32,7 +32,7 @@ from ism.crypto.keystore import KeyType, check_key_id, check_key_type
 from ism.errors import FormatError, SignatureError, StateCorruptError, UsageError
 from ism.formats import cbor
 
-__all__ = ["KeyFiles", "SoftwareKeyStore"]
+__all__ = ["KeyFiles", "MemoryKeyFiles", "SoftwareKeyStore"]
 
 _SIZES = {"aes-256": 32, "hmac-sha256": 32}
 
@@ -45,6 +45,22 @@ class KeyFiles(Protocol):
     def write(self, name: str, data: bytes) -> None: ...
 
     def remove(self, name: str) -> None: ...
+
+
+class MemoryKeyFiles:
+    """Sealed key blobs in memory: for volatile key stores (tests, benchmarks, a throw-away device)."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def read(self, name: str) -> bytes | None:
+        return self.blobs.get(name)
+
+    def write(self, name: str, data: bytes) -> None:
+        self.blobs[name] = bytes(data)
+
+    def remove(self, name: str) -> None:
+        self.blobs.pop(name, None)
 
 
 class SoftwareKeyStore:
