@@ -8,7 +8,9 @@ Must not import: agent, store, cli.
 Threat: running something that should not run. Only packages secure boot
 accepted are loaded; a microservice the policy does not name, or whose
 imports need capabilities the policy does not grant, is not started and a
-record says why.
+record says why. A new policy (:meth:`Runtime.apply_policy`,
+:meth:`Runtime.reload_policy`) takes effect between two supervisor steps,
+all at once: no activation runs under half of it.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from pathlib import Path
 
 from ism.boards.virtual import Peripheral, make_peripherals
 from ism.device.outbox import Outbox
-from ism.device.virtual import BootReport, Device
-from ism.errors import IsmError
+from ism.device.virtual import Booted, BootReport, Device
+from ism.errors import IsmError, UsageError
 from ism.formats import wasm
 from ism.formats.board import Board
-from ism.formats.policy import Policy, check_module, policy_digest
+from ism.formats.policy import MicroservicePolicy, Policy, check_module, policy_digest
 from ism.hypervisor.supervisor import Image, Supervisor
-from ism.services.attestation import AttestationService, attested
+from ism.services.attestation import AttestationService, AttestedMicroservice, attested
 from ism.services.crypto import CryptoService
 from ism.services.identity import IdentityService
 from ism.services.storage import SecureStorage
@@ -64,15 +66,20 @@ def attestation_service(
     device: Device, report: BootReport, policy: Policy | None, states: Callable[[uuidlib.UUID], str | None]
 ) -> AttestationService:
     """The attestation service for what this boot accepted (policy digests from ``policy`` when configured)."""
+    return AttestationService(
+        device.keystore(),
+        device.instance_id,
+        _attested(report, policy),
+        states=lambda ms_uuid: states(ms_uuid) or "active",
+    )
 
+
+def _attested(report: BootReport, policy: Policy | None) -> dict[uuidlib.UUID, AttestedMicroservice]:
     def digest(ms_uuid: uuidlib.UUID) -> bytes:
         entry = policy.get(ms_uuid) if policy is not None else None
         return policy_digest(entry) if entry is not None else hashlib.sha256(b"ism: no policy entry").digest()
 
-    microservices = {b.uuid: attested(b, digest) for b in report.accepted}
-    return AttestationService(
-        device.keystore(), device.instance_id, microservices, states=lambda ms_uuid: states(ms_uuid) or "active"
-    )
+    return {b.uuid: attested(b, digest) for b in report.accepted}
 
 
 def erase_microservice(device: Device, ms_uuid: uuidlib.UUID, key_names: list[str]) -> None:
@@ -83,6 +90,10 @@ def erase_microservice(device: Device, ms_uuid: uuidlib.UUID, key_names: list[st
     finally:
         storage.close()
     CryptoService(device.keystore()).erase(str(ms_uuid), key_names)
+
+
+def _image(booted: Booted) -> Image:
+    return Image(booted.uuid, booted.name, booted.version, booted.measurement, booted.signer, booted.payload)
 
 
 @dataclass
@@ -118,7 +129,7 @@ class Runtime:
         images: list[Image] = []
         refused: list[tuple[Image, IsmError]] = []
         for booted in report.accepted:
-            image = Image(booted.uuid, booted.name, booted.version, booted.measurement, booted.signer, booted.payload)
+            image = _image(booted)
             entry = policy.get(booted.uuid)
             try:
                 if entry is not None:
@@ -162,6 +173,68 @@ class Runtime:
         return cls(
             device, report, board, policy, peripherals, outbox, supervisor, crypto, identity, storage, attestation
         )
+
+    def apply_policy(self, policy: Policy) -> dict[str, list[str]]:
+        """Puts ``policy`` into effect now, without reinstalling or rebooting anything.
+
+        Call it between two supervisor steps (the run loop's thread). Each booted
+        module is checked against its new entry first (a module the new policy does
+        not grant its imports is stopped, with a record naming the rule); then the
+        supervisor swaps every entry at once (:meth:`Supervisor.apply_policy`) and
+        attestation reports the new policy digests.
+
+        Returns:
+            Microservice names by outcome (``restarted``, ``stopped``, ``started``, ``unchanged``).
+
+        Raises:
+            UsageError: ``policy.board-change`` if the policy is for another board than the one running.
+        """
+        if policy.board != self.board.name:
+            raise UsageError(
+                "policy.board-change",
+                "the new policy is for another board: restart the device to apply it",
+                got=policy.board,
+                expected=self.board.name,
+            )
+        granted: dict[uuidlib.UUID, MicroservicePolicy] = {}
+        refused: list[tuple[Image, IsmError]] = []
+        for booted in self.report.accepted:
+            entry = policy.get(booted.uuid)
+            if entry is None:
+                continue
+            try:
+                check_module(entry, wasm.parse_module(booted.payload))
+            except IsmError as exc:
+                refused.append((_image(booted), exc))
+                continue
+            granted[booted.uuid] = entry
+        outcome = self.supervisor.apply_policy(granted)
+        for image, error in refused:
+            self.supervisor.record(image, error.rule, error.message, 1, "stopped")
+        self.policy = policy
+        self.attestation.replace_microservices(_attested(self.report, policy))
+        return outcome
+
+    def reload_policy(self) -> dict[str, list[str]] | None:
+        """Applies the device's stored policy if it is not the one running (after ``ism device policy``).
+
+        Returns:
+            What :meth:`apply_policy` returned, or None if the stored policy is the running one.
+
+        Raises:
+            UsageError: ``policy.board-change`` if the stored board file is not the running one.
+            TrustError, FormatError: if the stored policy no longer opens (it is not applied).
+        """
+        board, policy = self.device.board(), self.device.policy()
+        if policy == self.policy:
+            return None
+        if board != self.board:
+            raise UsageError(
+                "policy.board-change",
+                "the stored board file differs from the running one: restart the device to apply it",
+                subject=str(self.device.root),
+            )
+        return self.apply_policy(policy)
 
     @property
     def storage_path(self) -> Path:

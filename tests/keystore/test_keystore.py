@@ -246,6 +246,33 @@ def test_wrong_key_type_for_operation(backend: KeyStore, new_id: NewId) -> None:
             call()
 
 
+def test_ecdh(backend: KeyStore, new_id: NewId) -> None:
+    """ECDH (the protected policy's key agreement): software now; PKCS#11 and TPM say so plainly."""
+    key_id, aes = new_id("ecdh"), new_id("ecdh-aes")
+    backend.generate(key_id, "ecc-p256")
+    peer = ec.generate_private_key(ec.SECP256R1())
+    peer_der = peer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if backend.backend != "software":
+        with raises_rule(UsageError, "keystore.unsupported"):
+            backend.ecdh(key_id, peer_der)
+        return
+    own = serialization.load_der_public_key(backend.public_key(key_id))
+    assert isinstance(own, ec.EllipticCurvePublicKey)
+    assert backend.ecdh(key_id, peer_der) == peer.exchange(ec.ECDH(), own)
+    p384 = ec.generate_private_key(ec.SECP384R1()).public_key()
+    for bad in (
+        b"not a key",
+        p384.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+    ):
+        with raises_rule(FormatError, "keystore.peer-key"):
+            backend.ecdh(key_id, bad)
+    backend.generate(aes, "aes-256")
+    with raises_rule(UsageError, "keystore.key-type"):
+        backend.ecdh(aes, peer_der)
+
+
 def test_missing_key(backend: KeyStore, new_id: NewId) -> None:
     gone = new_id("gone")
     calls: list[Callable[[], object]] = [
@@ -294,6 +321,7 @@ KEYSTORE_METHODS = {
     "decrypt",
     "mac",
     "derive",
+    "ecdh",  # a shared secret with a peer's (ephemeral) key, never the stored key itself
 }
 
 
@@ -316,6 +344,13 @@ def test_imported_material_cannot_be_read_back(backend: KeyStore, new_id: NewId)
         backend.sign(ecc, secret),
         repr(backend).encode(),
     ]
+    if backend.backend == "software":  # the others do not implement ECDH yet (test_ecdh)
+        peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+        outputs.append(
+            backend.ecdh(
+                ecc, peer.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            )
+        )
     for output in outputs:
         for needle in (secret, scalar, pkcs8):
             assert needle not in output

@@ -24,6 +24,8 @@ NOT_RULES = {
     "device.storage",
     "device.identity-ca",
     "device.iak",
+    "device.policy",
+    "policy.cose",
     "storage.sqlite",
 }
 

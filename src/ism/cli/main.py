@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ism.cli._io import read_file, write_file
+from ism.cli._io import MAX_INPUT, read_file, write_file
 from ism.cli.attest import add_attest_commands, format_summary
 from ism.crypto import cose
 from ism.crypto import suit as suit_auth
@@ -32,18 +32,20 @@ from ism.crypto.keys import (
     signer_id,
     write_keypair,
 )
+from ism.crypto.policy_seal import seal
 from ism.device.trust.boot import check_package
-from ism.device.virtual import Device
+from ism.device.virtual import ANCHOR_ROLES, MAX_POLICY_SIZE, Device
 from ism.errors import IsmError, UsageError
 from ism.formats import package, suit, wasm
 from ism.formats.abi import HOST_ABI
 from ism.formats.downgrade import Downgrade
+from ism.formats.policy_artifact import make_payload
 
 __all__ = ["main"]
 
 
-def _read(path: Path, what: str = "file") -> bytes:
-    return read_file(path, what)
+def _read(path: Path, what: str = "file", limit: int = MAX_INPUT) -> bytes:
+    return read_file(path, what, limit)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -237,14 +239,103 @@ def cmd_device_init(args: argparse.Namespace) -> None:
 
 
 def cmd_device_info(args: argparse.Namespace) -> None:
-    info = Device(args.dir).info()
-    _emit(args, info, "\n".join(f"{k:14} {v}" for k, v in info.items()))
+    with Device(args.dir) as dev:
+        info = dev.info()
+    lines = [f"{k:14} {v}" for k, v in info.items() if k != "policy_key"]
+    _emit(args, info, "\n".join([*lines, "policy_key", info["policy_key"].rstrip()]))
 
 
 def cmd_device_trust(args: argparse.Namespace) -> None:
     dev = Device(args.dir)
-    added = [dev.add_anchor(_read(p, "trust anchor")).hex() for p in args.add]
-    _emit(args, {"added": added}, "\n".join(f"trusted signer {s}" for s in added))
+    added = [dev.add_anchor(_read(p, "trust anchor"), role=args.role).hex() for p in args.add]
+    what = "policy signer" if args.role == "policy" else "signer"
+    result: dict[str, Any] = {"added": added} if args.role == "microservice" else {"added": added, "role": args.role}
+    _emit(args, result, "\n".join(f"trusted {what} {s}" for s in added))
+
+
+def cmd_device_policy_key(args: argparse.Namespace) -> None:
+    with Device(args.dir) as dev:
+        pem = pem_from_der(dev.policy_public_key()).decode()
+        instance = dev.instance_id.hex()
+    if args.out:
+        _write(args.out, pem.encode())
+    _emit(args, {"instance_id": instance, "policy_key": pem}, pem.rstrip())
+
+
+def cmd_device_policy(args: argparse.Namespace) -> None:
+    data = _read(args.artifact, "policy artifact", MAX_POLICY_SIZE)
+    with Device(args.dir) as dev:
+        try:
+            policy = dev.install_policy(data)
+        except IsmError as exc:
+            _fail_json(args, exc, {"artifact": str(args.artifact)})
+    names = sorted(policy.by_name)
+    _emit(
+        args,
+        {"valid": True, "board": policy.board, "version": policy.version, "microservices": names},
+        f"installed protected policy version {policy.version} for board {policy.board} "
+        f"({len(names)} microservice(s)); it takes effect at the next start (or now, on a running device)",
+    )
+
+
+# -- policy ---------------------------------------------------------------------------------------
+
+
+def _device_target(args: argparse.Namespace) -> tuple[PublicKey, bytes]:
+    """The device policy key and instance ID, from --device/--instance or from --device-info."""
+    key: PublicKey | None = load_public(args.device) if args.device else None
+    instance: bytes | None = None
+    if args.instance:
+        try:
+            instance = bytes.fromhex(args.instance)
+        except ValueError:
+            raise UsageError("cli.argument", "--instance must be hex", got=args.instance) from None
+    if args.device_info:
+        try:
+            info = json.loads(_read(args.device_info, "device info"))
+            info_key = read_public_pem(str(info["policy_key"]).encode(), str(args.device_info))
+            info_instance = bytes.fromhex(info["instance_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(
+                "cli.argument",
+                "--device-info must be the output of 'ism device info --json'",
+                subject=str(args.device_info),
+            ) from exc
+        if key is not None and signer_id(key) != signer_id(info_key):
+            raise UsageError("cli.argument", "--device and --device-info name different keys")
+        if instance is not None and instance != info_instance:
+            raise UsageError("cli.argument", "--instance and --device-info name different devices")
+        key, instance = info_key, info_instance
+    if key is None or instance is None:
+        raise UsageError(
+            "cli.argument", "name the device: --device KEY.pem and --instance HEX, or --device-info INFO.json"
+        )
+    return key, instance
+
+
+def cmd_policy_compile(args: argparse.Namespace) -> None:
+    device_key, instance = _device_target(args)
+    payload = make_payload(
+        _read(args.board, "board file").decode("utf-8", "replace"),
+        _read(args.policy, "policy").decode("utf-8", "replace"),
+        instance,
+    )
+    signer = load_private(args.sign)
+    artifact = seal(payload.encode(), device_key, signer)
+    _write(args.out, artifact)
+    _emit(
+        args,
+        {
+            "out": str(args.out),
+            "size": len(artifact),
+            "version": payload.version,
+            "instance_id": instance.hex(),
+            "signer": signer_id(signer).hex(),
+            "device_key": signer_id(device_key).hex(),
+        },
+        f"wrote {args.out}: policy version {payload.version}, signed by {signer_id(signer).hex()[:16]}..., "
+        f"readable only by device {instance.hex()[:18]}...",
+    )
 
 
 def cmd_device_install(args: argparse.Namespace) -> None:
@@ -354,6 +445,30 @@ def cmd_device_violations(args: argparse.Namespace) -> None:
     _print_records(records)
 
 
+#: seconds between two looks at the stored policy while a device runs
+POLICY_POLL = 0.5
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _reload_policy(runtime: Any, quiet: bool) -> None:
+    try:
+        outcome = runtime.reload_policy()
+    except IsmError as exc:
+        print(f"policy not applied: {exc}", file=sys.stderr, flush=True)
+        return
+    if outcome is not None and not quiet:
+        changes = ", ".join(f"{k}: {', '.join(v)}" for k, v in outcome.items() if v and k != "unchanged")
+        changes = changes or "no microservice affected"
+        print(f"policy version {runtime.policy.version} in effect ({changes})", flush=True)
+
+
 def cmd_device_run(args: argparse.Namespace) -> None:
     from ism.boards.virtual import Fingerprint, Uart
     from ism.hostlink import UartBridge
@@ -379,10 +494,17 @@ def cmd_device_run(args: argparse.Namespace) -> None:
         if not args.json:
             print(f"running {len(sup.microservices)} microservice(s) for {args.seconds:g} s", flush=True)
         end = time.monotonic() + args.seconds
+        policy_file = args.dir / "config" / "policy.cose"
+        stamp, next_check = _stamp(policy_file), time.monotonic() + POLICY_POLL
         while time.monotonic() < end:
             sup.step()
             if bridge is not None:
                 bridge.flush()
+            if time.monotonic() >= next_check:  # 'ism device policy' from another process: apply it live
+                next_check = time.monotonic() + POLICY_POLL
+                if _stamp(policy_file) != stamp:
+                    stamp = _stamp(policy_file)
+                    _reload_policy(runtime, args.json)
             if not args.json and len(sup.records) > seen:
                 _print_records([r.to_json() for r in sup.records[seen:]])
                 seen = len(sup.records)
@@ -518,9 +640,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-verify every package in full, even those unchanged since their last full verification",
     )
-    t = add(dev, "trust", cmd_device_trust, "add a trust anchor for microservice signers")
+    t = add(dev, "trust", cmd_device_trust, "add a trust anchor for microservice signers (or policy signers)")
     t.add_argument("dir", type=Path)
     t.add_argument("--add", type=Path, action="append", required=True)
+    t.add_argument(
+        "--role",
+        choices=ANCHOR_ROLES,
+        default="microservice",
+        help="what the anchor vouches for: microservice packages (default) or the access policy",
+    )
     ins = add(dev, "install", cmd_device_install, "verify and stage a package on a device")
     ins.add_argument("dir", type=Path)
     ins.add_argument("package", type=Path)
@@ -530,6 +658,12 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("dir", type=Path)
     cfg.add_argument("--board", type=Path, required=True)
     cfg.add_argument("--policy", type=Path, required=True)
+    dpk = add(dev, "policy-key", cmd_device_policy_key, "print the device's policy key (policies are encrypted to it)")
+    dpk.add_argument("dir", type=Path)
+    dpk.add_argument("--out", type=Path, help="also write the PEM to this file")
+    dpo = add(dev, "policy", cmd_device_policy, "install a protected policy artifact (signed, encrypted to the device)")
+    dpo.add_argument("dir", type=Path)
+    dpo.add_argument("artifact", type=Path)
     run = add(dev, "run", cmd_device_run, "boot the device and run its microservices")
     run.add_argument("dir", type=Path)
     run.add_argument("--for", dest="seconds", type=float, default=10.0, help="seconds to run (default 10)")
@@ -556,6 +690,25 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--nonce", required=True, help="the verifier's nonce (hex, 32, 48 or 64 bytes)")
     att.add_argument("--out", type=Path, required=True, help="where to write the token (COSE_Sign1)")
     add_attest_commands(sub, add)
+
+    pol = sub.add_parser("policy", help="the protected access policy").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    pc = add(
+        pol,
+        "compile",
+        cmd_policy_compile,
+        "compile board file + policy into an artifact signed by the vendor and encrypted to one device",
+    )
+    pc.add_argument("policy", type=Path, help="the access policy (TOML)")
+    pc.add_argument("--board", type=Path, required=True, help="the board file (TOML)")
+    pc.add_argument("--sign", type=Path, required=True, help="the vendor's policy signing key (private PEM)")
+    pc.add_argument("--device", type=Path, help="the device's policy key (PEM, from 'ism device policy-key')")
+    pc.add_argument("--instance", help="the device's instance ID (hex, from 'ism device info')")
+    pc.add_argument(
+        "--device-info", type=Path, help="'ism device info --json' output: gives both the key and the instance ID"
+    )
+    pc.add_argument("--out", type=Path, required=True)
 
     dm = add(sub, "demo", cmd_demo, "run the demonstration story", json_opt=False)
     dm.add_argument("--examples", type=Path, default=Path("build/examples"), help="built example modules")

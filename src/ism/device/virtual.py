@@ -11,15 +11,26 @@ packages, older signed packages (rollback), a deleted or edited counter file
 counters live in a MAC'd file that must exist once the device is
 initialised; every write is atomic (:mod:`ism.device._atomic`).
 
+The protected access policy (:meth:`Device.install_policy`) is kept only as
+the artifact the vendor sent — signed by a *policy signer* anchor (kept apart
+from microservice-signer anchors), encrypted to the device's policy key —
+and decrypted through the key store whenever it is read: the board file and
+the grants never sit on disk in clear. Its version is checked against the
+``policy`` entry of the anti-rollback counters.
+
 Layout::
 
     DIR/device.json                 format, instance ID (UEID), key-store backend
     DIR/keys/device.pem, .pub.pem   device key pair (0600 private)
     DIR/keys/state.key              MAC key for state files (0600)
     DIR/keys/root.key               root key of the software key store (0600)
-    DIR/keys/store/<key-id>.key     keys sealed under the root key (software key store)
+    DIR/keys/store/<key-id>.key     keys sealed under the root key (software key store), among them
+                                    ``device.policy``, the P-256 key policies are encrypted to
     DIR/keys/identity-ca.der        the device identity CA certificate
     DIR/trust/<signer-id>.pem       trust anchors for microservice signers
+    DIR/trust/policy/<signer-id>.pem  trust anchors for policy signers (the vendor's policy key)
+    DIR/config/board.toml, policy.toml  board file and policy in clear (``configure``; unprotected devices only)
+    DIR/config/policy.cose          the protected policy artifact (``install_policy``), encrypted to the device
     DIR/state/rollback.cose         COSE_Mac0 over the anti-rollback counters
     DIR/state/sealed.cose           COSE_Mac0 over sealed boot records (validate-once, see trust.boot.Sealed)
     DIR/packages/<uuid>.suit        installed packages
@@ -44,6 +55,7 @@ from ism.crypto.keys import (
     PublicKey,
     anchor_map,
     generate,
+    pem_from_der,
     public_pem,
     read_public_pem,
     signer_id,
@@ -51,22 +63,50 @@ from ism.crypto.keys import (
 )
 from ism.crypto.keystore import KeyStore
 from ism.crypto.keystore.software import SoftwareKeyStore
+from ism.crypto.policy_seal import open_sealed
 from ism.device._atomic import Faults, atomic_remove, atomic_write, read_capped, recover
 from ism.device.outbox import Outbox
 from ism.device.trust.boot import Accepted, Sealed, check_package, check_sealed, seal
-from ism.errors import FormatError, IsmError, PlatformError, StateCorruptError, TrustError, UsageError
+from ism.errors import (
+    FormatError,
+    IsmError,
+    PlatformError,
+    RollbackError,
+    StateCorruptError,
+    TrustError,
+    UsageError,
+)
 from ism.formats import cbor, suit, wasm
 from ism.formats.board import Board, parse_board
 from ism.formats.package import claimed_identity, read_package
 from ism.formats.policy import Policy, check_module, parse_policy
+from ism.formats.policy_artifact import MAX_TEXT, PolicyPayload, decode_payload
 
-__all__ = ["BootEntry", "BootReport", "Booted", "Device", "MAX_PACKAGE_SIZE"]
+__all__ = [
+    "ANCHOR_ROLES",
+    "BootEntry",
+    "BootReport",
+    "Booted",
+    "Device",
+    "MAX_PACKAGE_SIZE",
+    "MAX_POLICY_SIZE",
+    "POLICY_COUNTER",
+    "POLICY_KEY_ID",
+]
 
 FORMAT: Final = 1
 MAX_PACKAGE_SIZE: Final = 16 * 1024 * 1024
 MAX_AUTH_SIZE: Final = 4096
 MAX_STATE_SIZE: Final = 1024 * 1024
 UEID_RAND: Final = 0x01
+#: the device key (P-256, in the key store) policy artifacts are encrypted to
+POLICY_KEY_ID: Final = "device.policy"
+#: the anti-rollback counter of the protected policy (reserved: microservice counters are keyed by UUID)
+POLICY_COUNTER: Final = "policy"
+#: largest policy artifact the device accepts (two texts of at most MAX_TEXT, plus the envelope)
+MAX_POLICY_SIZE: Final = 2 * MAX_TEXT + 4096
+#: who a trust anchor vouches for: microservice packages, or the access policy
+ANCHOR_ROLES: Final = ("microservice", "policy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +243,9 @@ class Device:
         except (ValueError, KeyError, TypeError) as exc:
             raise StateCorruptError("state.config", "device.json is unreadable", subject=str(root)) from exc
         self._state_key = self._read_secret(root / "keys" / "state.key")
+        self._protected_cache: tuple[bytes, PolicyPayload, Board, Policy] | None = None
+        if self._artifact_path.is_file():
+            self._drop_cleartext_config()  # an install_policy cut short before it removed them
 
     # -- creation ---------------------------------------------------------------------------------
 
@@ -246,7 +289,9 @@ class Device:
         state_key = (root / "keys" / "state.key").read_bytes()
         atomic_write(root / "state" / "rollback.cose", _seal_counters({}, state_key, generation), faults)
         atomic_write(root / "device.json", json.dumps(dev_cfg, indent=2).encode() + b"\n", faults)
-        return cls(root, faults)
+        device = cls(root, faults)
+        device.policy_public_key()  # a cut before this point is repaired on first use
+        return device
 
     def _read_secret(self, path: Path, create: bool = False) -> bytes:
         if create and not path.exists():
@@ -261,17 +306,31 @@ class Device:
 
     # -- trust anchors ----------------------------------------------------------------------------
 
-    def add_anchor(self, pem: bytes) -> bytes:
-        """Adds a trust anchor for microservice signers; returns its signer ID."""
+    def add_anchor(self, pem: bytes, role: str = "microservice") -> bytes:
+        """Adds a trust anchor for microservice signers (or, with ``role="policy"``, policy signers).
+
+        Returns:
+            The anchor's signer ID.
+
+        Raises:
+            UsageError: ``device.anchor-role`` for an unknown role.
+        """
         key = read_public_pem(pem, "trust anchor")
         sid = signer_id(key)
-        atomic_write(self.root / "trust" / f"{sid.hex()}.pem", public_pem(key), self.faults)
+        directory = self._anchor_dir(role)
+        directory.mkdir(exist_ok=True)
+        atomic_write(directory / f"{sid.hex()}.pem", public_pem(key), self.faults)
         return sid
 
-    def anchors(self) -> list[PublicKey]:
-        """The provisioned trust anchors; a file that does not match its name is ignored."""
+    def _anchor_dir(self, role: str) -> Path:
+        if role not in ANCHOR_ROLES:
+            raise UsageError("device.anchor-role", f"a trust anchor's role is one of {list(ANCHOR_ROLES)}", got=role)
+        return self.root / "trust" / "policy" if role == "policy" else self.root / "trust"
+
+    def anchors(self, role: str = "microservice") -> list[PublicKey]:
+        """The provisioned trust anchors of ``role``; a file that does not match its name is ignored."""
         out = []
-        for path in sorted((self.root / "trust").glob("*.pem")):
+        for path in sorted(self._anchor_dir(role).glob("*.pem")):
             try:
                 key = read_public_pem(read_capped(path, 16 * 1024), str(path))
             except (FormatError, OSError):
@@ -373,7 +432,17 @@ class Device:
     # -- configuration: board file and access policy ----------------------------------------------
 
     def configured(self) -> bool:
-        return (self.root / "config" / "policy.toml").is_file()
+        return self._artifact_path.is_file() or (self.root / "config" / "policy.toml").is_file()
+
+    def protected(self) -> bool:
+        """True once the device takes only signed, encrypted policies.
+
+        That is: it has a policy signer anchor, a protected policy, or a policy
+        counter above 0 (it had one: the MAC'd counter outlives a deleted artifact).
+        """
+        return (
+            self._artifact_path.is_file() or bool(self.anchors("policy")) or self.counters().get(POLICY_COUNTER, 0) > 0
+        )
 
     def configure(self, board_text: str, policy_text: str) -> Policy:
         """Installs a board file and an access policy (both validated first; written atomically).
@@ -381,9 +450,28 @@ class Device:
         The policy is checked against the installed packages before anything is
         written, so a policy that grants a gateway to a missing operation, or
         that does not grant what an installed module imports, is refused.
+
+        Raises:
+            TrustError: ``policy.protected`` once the device has a policy signer or a
+                protected policy: from then on only :meth:`install_policy` changes it.
         """
+        if self.protected():
+            raise TrustError(
+                "policy.protected",
+                "this device takes only signed, encrypted policies ('ism device policy')",
+                subject=str(self.root),
+            )
         board = parse_board(board_text, "board.toml")
         policy = parse_policy(policy_text, board, "policy.toml")
+        self._check_installed(policy)
+        config = self.root / "config"
+        config.mkdir(exist_ok=True)
+        atomic_write(config / "board.toml", board_text.encode(), self.faults)
+        atomic_write(config / "policy.toml", policy_text.encode(), self.faults)
+        return policy
+
+    def _check_installed(self, policy: Policy) -> None:
+        """What a new policy must pass against the installed packages (``policy.gateway``, ``policy.capability``)."""
         for ms in self.installed():
             try:
                 pkg = read_package(suit.parse_envelope(read_capped(self.package_path(ms), MAX_PACKAGE_SIZE)))
@@ -392,17 +480,148 @@ class Device:
             entry = policy.get(pkg.meta.uuid)
             if entry is not None:
                 check_module(entry, wasm.parse_module(pkg.payload))
-        config = self.root / "config"
-        config.mkdir(exist_ok=True)
-        atomic_write(config / "board.toml", board_text.encode(), self.faults)
-        atomic_write(config / "policy.toml", policy_text.encode(), self.faults)
-        return policy
 
     def board(self) -> Board:
-        return parse_board(self._config_text("board.toml"), "board.toml")
+        """The board file: from the protected policy artifact when there is one, else from config/board.toml."""
+        if self._artifact_path.is_file():
+            return self._protected()[1]
+        return parse_board(self._cleartext("board.toml"), "board.toml")
 
     def policy(self) -> Policy:
-        return parse_policy(self._config_text("policy.toml"), self.board(), "policy.toml")
+        """The access policy: decrypted from the protected artifact when there is one, else config/policy.toml."""
+        if self._artifact_path.is_file():
+            return self._protected()[2]
+        return parse_policy(self._cleartext("policy.toml"), self.board(), "policy.toml")
+
+    def _cleartext(self, name: str) -> str:
+        """A cleartext configuration file, unless the device ever had a protected policy.
+
+        Raises:
+            TrustError: ``policy.protected`` if the policy counter is above 0 but the artifact is
+                gone: a cleartext policy in its place (written offline) is not used.
+        """
+        if self.counters().get(POLICY_COUNTER, 0) > 0:
+            raise TrustError(
+                "policy.protected",
+                "the protected policy is missing; this device does not use a cleartext policy",
+                subject=str(self.root),
+            )
+        return self._config_text(name)
+
+    # -- the protected access policy ---------------------------------------------------------------
+
+    @property
+    def _artifact_path(self) -> Path:
+        return self.root / "config" / "policy.cose"
+
+    def policy_public_key(self) -> bytes:
+        """The SubjectPublicKeyInfo DER of the device policy key (created in the key store on first use)."""
+        keystore = self.keystore()
+        if not keystore.exists(POLICY_KEY_ID):
+            keystore.generate(POLICY_KEY_ID, "ecc-p256")
+        return keystore.public_key(POLICY_KEY_ID)
+
+    def _open_policy(self, data: bytes) -> tuple[PolicyPayload, Board, Policy]:
+        """Verify (policy signers only), decrypt (through the key store), decode, check the device, compile."""
+        if len(data) > MAX_POLICY_SIZE:
+            raise FormatError(
+                "policy.artifact-size",
+                "policy artifact is larger than the device accepts",
+                got=len(data),
+                expected=f"<= {MAX_POLICY_SIZE}",
+            )
+        self.policy_public_key()
+        payload = decode_payload(open_sealed(data, anchor_map(self.anchors("policy")), self.keystore(), POLICY_KEY_ID))
+        if payload.instance_id != self.instance_id:
+            raise TrustError(
+                "policy.device",
+                "the policy is for another device",
+                got=payload.instance_id,
+                expected=self.instance_id,
+            )
+        board, policy = payload.compile()
+        return payload, board, policy
+
+    def _protected(self) -> tuple[PolicyPayload, Board, Policy]:
+        """The stored artifact, verified and decrypted (in memory only), and its counter reconciled.
+
+        A stored version below the counter is an offline rollback of the file
+        (``policy.rollback``); one above it means an install was cut between
+        writing the artifact and advancing the counter: the counter rolls forward.
+        """
+        try:
+            data = read_capped(self._artifact_path, MAX_POLICY_SIZE)
+        except OSError as exc:
+            raise StateCorruptError("state.config", "the policy artifact is unreadable") from exc
+        digest = hashlib.sha256(data).digest()
+        cached = self._protected_cache
+        if cached is not None and cached[0] == digest:
+            return cached[1], cached[2], cached[3]
+        payload, board, policy = self._open_policy(data)
+        counters = self.counters()
+        counter = counters.get(POLICY_COUNTER, 0)
+        if payload.version < counter:
+            raise RollbackError(
+                "policy.rollback",
+                "the stored policy is older than the policy counter: an older artifact was put back",
+                got=payload.version,
+                expected=f">= {counter}",
+            )
+        if payload.version > counter:
+            counters[POLICY_COUNTER] = payload.version
+            self._store_counters(counters)
+        self._protected_cache = (digest, payload, board, policy)
+        return payload, board, policy
+
+    def install_policy(self, data: bytes) -> Policy:
+        """Installs a protected policy artifact (``ism policy compile``).
+
+        It takes effect at the next start, or on a running device through
+        ``Runtime.reload_policy`` (``ism device run`` looks for it twice a second).
+
+        Checks, in order: size, signature by a policy signer anchor, decryption
+        with the device policy key (in the key store), payload format, this
+        device's instance ID, version above the policy counter, board file and
+        policy, and the installed modules against the new policy. Only then is
+        the artifact written (``config/policy.cose``, atomically), the counter
+        advanced and any cleartext configuration removed. A power cut at any
+        point leaves the old policy or the new one (an artifact newer than the
+        counter rolls the counter forward when it is next read).
+
+        Raises:
+            SignatureError: ``policy.unsigned``, ``policy.signature``, ``policy.decrypt``.
+            UntrustedSignerError: ``policy.signer`` (foreign key, or a microservice signer's).
+            TrustError: ``policy.recipient``, ``policy.device``.
+            RollbackError: ``policy.rollback`` (older than, or the same version as, the current policy).
+            FormatError: ``policy.artifact*``, ``board.*``, ``policy.*``.
+        """
+        payload, _, policy = self._open_policy(data)
+        if self._artifact_path.is_file():
+            with contextlib.suppress(IsmError):
+                self._protected()  # rolls the counter forward if an earlier install was cut short
+        counters = self.counters()
+        counter = counters.get(POLICY_COUNTER, 0)
+        if payload.version <= counter:
+            raise RollbackError(
+                "policy.rollback",
+                "the policy's version is not above the device's policy counter (older, or replayed)",
+                got=payload.version,
+                expected=f"> {counter}",
+            )
+        self._check_installed(policy)
+        self._artifact_path.parent.mkdir(exist_ok=True)
+        atomic_write(self._artifact_path, data, self.faults)
+        self._protected_cache = None
+        counters[POLICY_COUNTER] = payload.version
+        self._store_counters(counters)
+        self._drop_cleartext_config()
+        return policy
+
+    def _drop_cleartext_config(self) -> None:
+        for name in ("policy.toml", "board.toml"):
+            path = self.root / "config" / name
+            if path.exists():
+                atomic_remove(path, self.faults)
 
     def _config_text(self, name: str) -> str:
         path = self.root / "config" / name
@@ -559,6 +778,8 @@ class Device:
             "instance_id": self.instance_id.hex(),
             "keystore": self._config.get("keystore", "software"),
             "trust_anchors": [signer_id(k).hex() for k in self.anchors()],
+            "policy_signers": [signer_id(k).hex() for k in self.anchors("policy")],
+            "policy_key": pem_from_der(self.policy_public_key()).decode(),
             "counters": self.counters(),
             "installed": self.installed(),
         }

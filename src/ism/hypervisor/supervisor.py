@@ -28,7 +28,7 @@ from typing import Any, Final
 import wasmtime
 
 from ism.boards.virtual import Peripheral, Timer
-from ism.errors import IsmError, Violation
+from ism.errors import IsmError, UsageError, Violation
 from ism.formats.abi import (
     ERRORS,
     EVENT_EXPORT,
@@ -162,20 +162,25 @@ class Supervisor:
             policy = policies.get(image.uuid)
             if policy is None:
                 self.unmanaged.append(image)
-                continue
-            engine = engine_for(policy.stack)
-            try:
-                module = compile_module(engine, image.wasm)
-            except wasmtime.WasmtimeError as exc:
-                self.record(image, "sandbox.compile", str(exc).splitlines()[0][:200], 1, "not started")
-                continue
-            imports = frozenset(imp.name for imp in module.imports if imp.module == "ism" and imp.name)
-            ms = Microservice(image, policy, module, engine, imports=imports)
-            self.microservices[image.uuid] = ms
-            self.by_name[policy.name] = ms
+            else:
+                self._admit(image, policy)
         timer = peripherals.get("timer")
         self._timer = timer if isinstance(timer, Timer) else None
         self._next_tick = 0.0
+
+    def _admit(self, image: Image, policy: MicroservicePolicy) -> Microservice | None:
+        """Compiles ``image`` for ``policy`` (its stack size picks the engine) and manages it (not started)."""
+        engine = engine_for(policy.stack)
+        try:
+            module = compile_module(engine, image.wasm)
+        except wasmtime.WasmtimeError as exc:
+            self.record(image, "sandbox.compile", str(exc).splitlines()[0][:200], 1, "not started")
+            return None
+        imports = frozenset(imp.name for imp in module.imports if imp.module == "ism" and imp.name)
+        ms = Microservice(image, policy, module, engine, imports=imports)
+        self.microservices[image.uuid] = ms
+        self.by_name[policy.name] = ms
+        return ms
 
     def functypes(self, engine: wasmtime.Engine) -> dict[str, wasmtime.FuncType]:
         """The types of the host functions, for microservices running on ``engine``."""
@@ -297,6 +302,67 @@ class Supervisor:
         if ms.state in (State.QUARANTINED, State.STOPPED):
             ms.faults.clear()
             self._start(ms)
+
+    def apply_policy(self, policies: Mapping[uuidlib.UUID, MicroservicePolicy]) -> dict[str, list[str]]:
+        """Swaps in a new policy between two steps: no activation ever runs under half of it.
+
+        First, with nothing running, every entry is replaced: a microservice whose
+        entry changed loses its sandbox and open handles, one no longer named is
+        dropped (a ``policy.not-named`` record says so). Only then do activations
+        resume: the changed ones that were running or restarting start again,
+        and newly named ones start, all under the new rules. A microservice whose
+        entry did not change keeps running, undisturbed; a quarantined or stopped
+        one stays so (an operator releases it, under the new rules).
+
+        Returns:
+            Names by outcome: ``restarted``, ``stopped``, ``started``, ``unchanged``.
+
+        Raises:
+            UsageError: ``supervisor.busy`` if called while a microservice is running.
+        """
+        if any(ms.active for ms in self.microservices.values()):
+            raise UsageError("supervisor.busy", "a policy can be swapped only between steps")
+        outcome: dict[str, list[str]] = {"restarted": [], "stopped": [], "started": [], "unchanged": []}
+        changed: list[Microservice] = []
+        for ms in list(self.microservices.values()):
+            new = policies.get(ms.uuid)
+            if new == ms.policy:
+                outcome["unchanged"].append(ms.name)
+                continue
+            if ms.sandbox is not None:
+                ms.sandbox.close()
+            ms.sandbox = None
+            ms.handles.clear()
+            if new is None:
+                ms.state = State.STOPPED
+                del self.microservices[ms.uuid]
+                self.unmanaged.append(ms.image)
+                self.record(ms.image, "policy.not-named", "the new access policy does not name it", 1, "stopped")
+                outcome["stopped"].append(ms.name)
+                continue
+            if new.stack != ms.policy.stack:  # the stack limit is a property of the engine
+                ms.engine = engine_for(new.stack)
+                ms.module = compile_module(ms.engine, ms.image.wasm)
+            ms.policy = new
+            if ms.state in (State.RUNNING, State.RESTARTING):
+                changed.append(ms)
+        admitted = []
+        for image in list(self.unmanaged):
+            entry = policies.get(image.uuid)
+            if entry is not None:
+                self.unmanaged.remove(image)
+                admitted_ms = self._admit(image, entry)
+                if admitted_ms is not None:
+                    admitted.append(admitted_ms)
+        self.by_name = {ms.policy.name: ms for ms in self.microservices.values()}
+        for ms in changed:
+            ms.faults.clear()
+            self._start(ms)
+            outcome["restarted"].append(ms.name)
+        for ms in admitted:
+            self._start(ms)
+            outcome["started"].append(ms.name)
+        return outcome
 
     def stop(self) -> None:
         for ms in self.microservices.values():

@@ -138,6 +138,11 @@ class AttestationService:
         self._sign = functools.partial(keystore.sign, IAK_ID)
         self._templates: dict[object, tuple[tuple[str, ...], dict[int, Any]]] = {}
 
+    def replace_microservices(self, microservices: Mapping[uuidlib.UUID, AttestedMicroservice]) -> None:
+        """What to attest from now on (a new policy changes the policy digests); cached claims are dropped."""
+        self.microservices = dict(microservices)
+        self._templates.clear()
+
     @property
     def kid(self) -> bytes:
         """The IAK's key ID: SHA-256 of its SubjectPublicKeyInfo (as signer IDs are)."""

@@ -14,6 +14,13 @@ decrypt, MAC and derive *by key id*; only public keys can be exported.
 Every decrypt/MAC failure raises :class:`~ism.errors.SignatureError` (one
 code, no oracle).
 
+``ecdh`` is the one operation that hands the caller a secret: the raw
+shared secret of an ephemeral-static key agreement (ECDH-ES), which the
+caller feeds into a KDF at once (the protected policy, :mod:`ism.crypto.policy_seal`).
+It is a per-message secret, not the stored key, which never leaves the store.
+Only the ``software`` backend implements it yet; ``pkcs11`` (``CKM_ECDH1_DERIVE``)
+and ``tpm`` (``TPM2_ECDH_ZGen``) raise ``keystore.unsupported``.
+
 Operations (all by key id):
 
 ================  ===============================================================
@@ -23,6 +30,7 @@ sign / verify     ECDSA P-256 over SHA-256(message); signatures are raw r||s (64
 encrypt/decrypt   AES-256-GCM with a 12-byte nonce and associated data
 mac               HMAC-SHA-256
 derive            HKDF-SHA-256 from an ``hmac-sha256`` or ``aes-256`` key into a new stored key
+ecdh              ECDH on P-256 between an ``ecc-p256`` key and a peer's public key (SPKI DER)
 destroy           delete a key (crypto-erase of what it protected)
 public_key        the SubjectPublicKeyInfo DER of an ``ecc-p256`` key
 ================  ===============================================================
@@ -83,3 +91,5 @@ class KeyStore(Protocol):
     def mac(self, key_id: str, data: bytes) -> bytes: ...
 
     def derive(self, key_id: str, info: bytes, new_id: str, new_type: KeyType) -> None: ...
+
+    def ecdh(self, key_id: str, peer_public_der: bytes) -> bytes: ...

@@ -458,6 +458,14 @@ class Pkcs11KeyStore:
                 prk[:] = bytes(len(prk))
                 okm[:] = bytes(len(okm))
 
+    def ecdh(self, key_id: str, peer_public_der: bytes) -> bytes:
+        """Not yet: ECDH through the token (``CKM_ECDH1_DERIVE`` into a session secret) is future work.
+
+        Raises:
+            UsageError: ``keystore.unsupported``.
+        """
+        raise UsageError("keystore.unsupported", "ECDH is not implemented for the pkcs11 key store yet", subject=key_id)
+
     # -- writing ----------------------------------------------------------------------------------
 
     def _create_secret(self, label: str, key_type: KeyType, value: bytes) -> Any:

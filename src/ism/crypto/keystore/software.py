@@ -21,7 +21,7 @@ import hmac
 import os
 from typing import Protocol
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -208,3 +208,23 @@ class SoftwareKeyStore:
             raise UsageError("keystore.key-type", "derive produces aes-256 or hmac-sha256 keys", got=new_type)
         derived = HKDF(algorithm=hashes.SHA256(), length=_SIZES[new_type], salt=None, info=info).derive(material)
         self._store(new_id, new_type, derived, replace=True)
+
+    def ecdh(self, key_id: str, peer_public_der: bytes) -> bytes:
+        """ECDH on P-256: the shared secret of the key ``key_id`` and the peer's public key.
+
+        The secret is returned to the caller, who must run it through a KDF at
+        once and drop it (see the package docstring); the stored key stays here.
+
+        Raises:
+            FormatError: ``keystore.peer-key`` if the peer key is not a P-256 SubjectPublicKeyInfo.
+            UsageError: ``keystore.key-type`` if ``key_id`` is not an ``ecc-p256`` key.
+        """
+        _, private = self._typed(key_id, "ecc-p256")
+        assert private is not None
+        try:
+            peer = serialization.load_der_public_key(bytes(peer_public_der))
+        except (ValueError, UnsupportedAlgorithm):
+            raise FormatError("keystore.peer-key", "the peer key is not a DER SubjectPublicKeyInfo") from None
+        if not isinstance(peer, ec.EllipticCurvePublicKey) or not isinstance(peer.curve, ec.SECP256R1):
+            raise FormatError("keystore.peer-key", "the peer key is not a P-256 key")
+        return private.exchange(ec.ECDH(), peer)

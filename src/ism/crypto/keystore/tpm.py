@@ -753,6 +753,14 @@ class TpmKeyStore:
                 okm[:] = bytes(len(okm))
             self._write(new_id, new_type, objects, replace=True)
 
+    def ecdh(self, key_id: str, peer_public_der: bytes) -> bytes:
+        """Not yet: ECDH in the TPM (``TPM2_ECDH_ZGen`` on a decrypt-capable key) is future work.
+
+        Raises:
+            UsageError: ``keystore.unsupported``.
+        """
+        raise UsageError("keystore.unsupported", "ECDH is not implemented for the tpm key store yet", subject=key_id)
+
 
 def _ec_public(key_id: str, area: TPMT_PUBLIC) -> ec.EllipticCurvePublicKey:
     x, y = bytes(area.unique.ecc.x), bytes(area.unique.ecc.y)
