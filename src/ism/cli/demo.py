@@ -1,13 +1,17 @@
 """``ism demo``: the reference device's story, told with the real commands and the real runtime.
 
 1. A developer signs the four microservices of the fingerprint 2FA token; the
-   vendor provisions a virtual device, installs the board file, the access
-   policy and the packages (a tampered package is refused at install).
+   vendor provisions a virtual device, installs the packages (a tampered one is
+   refused at install) and the access policy as a protected artifact — signed
+   by the vendor's policy key, encrypted to this device — then rotates it to
+   version 2; a replay of version 1 is refused.
 2. The device boots (secure + measured boot) and runs: a host enrols a finger
    and sends challenges over ``uart.host``; the token signs only when the
    finger matches. The third-party ``analytics`` tries to read the fingerprint
    sensor, is stopped, restarted with backoff and quarantined, and its
-   violation records appear — while the 2FA flow keeps working.
+   violation records appear — while the 2FA flow keeps working. The template
+   is biometric's alone (storage isolation), and a relying party appraises the
+   device's attestation token against the vendor's reference values.
 3. An attacker with access to the device's storage flips a byte of one
    package and replays an old version of another: secure boot refuses both,
    the rest boots.
@@ -40,6 +44,22 @@ def _run(*argv: str) -> int:
 
     print(f"\n$ ism {shlex.join(argv)}", flush=True)
     return main(list(argv))
+
+
+def _capture_json(path: Path, *argv: str) -> None:
+    """Runs an ism command with --json and keeps its output (what a vendor tool would read)."""
+    import contextlib
+    import io
+
+    from ism.cli.main import main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        status = main(list(argv))
+    if status != 0:
+        raise UsageError("demo.step", f"ism {' '.join(argv)} failed")
+    path.write_text(buffer.getvalue())
+    print(f"\n$ ism {shlex.join(argv)} > {path.name}", flush=True)
 
 
 def _flip_last_byte(path: Path) -> None:
@@ -195,16 +215,53 @@ def run_demo(examples: Path, out: Path) -> None:
         )
     _run("device", "init", str(dev))
     _run("device", "trust", str(dev), "--add", str(out / "developer.pub.pem"))
-    _run(
-        "device", "configure", str(dev), "--board", str(source / "board.toml"), "--policy", str(source / "policy.toml")
-    )
     for name in TOKEN:
         _run("device", "install", str(dev), str(out / f"{name}.suit"))
+    print("\n   The vendor signs the access policy and encrypts it to this device (only the device can read it):")
+    vendor = out / "vendor-policy.pem"
+    _run("keygen", "--alg", "es256", "--out", str(vendor))
+    _run("device", "trust", str(dev), "--add", str(out / "vendor-policy.pub.pem"), "--role", "policy")
+    info = out / "device-info.json"
+    _capture_json(info, "device", "info", str(dev), "--json")
+    v1, v2 = out / "policy-v1.cose", out / "policy-v2.cose"
+    _run(
+        "policy",
+        "compile",
+        str(source / "policy.toml"),
+        "--board",
+        str(source / "board.toml"),
+        "--sign",
+        str(vendor),
+        "--device-info",
+        str(info),
+        "--out",
+        str(v1),
+    )
+    _run("device", "policy", str(dev), str(v1))
     tampered = out / "link-tampered.suit"
     shutil.copy(out / "link.suit", tampered)
     _flip_last_byte(tampered)
     status = _run("device", "install", str(dev), str(tampered))
     print(f"(exit status {status}: the tampered package was refused and nothing was written)")
+    print("\n   Later the vendor rotates the policy to version 2; replaying version 1 is refused:")
+    text2 = (source / "policy.toml").read_text().replace("version = 1", "version = 2", 1)
+    (out / "policy-v2.toml").write_text(text2)
+    _run(
+        "policy",
+        "compile",
+        str(out / "policy-v2.toml"),
+        "--board",
+        str(source / "board.toml"),
+        "--sign",
+        str(vendor),
+        "--device-info",
+        str(info),
+        "--out",
+        str(v2),
+    )
+    _run("device", "policy", str(dev), str(v2))
+    status = _run("device", "policy", str(dev), str(v1))
+    print(f"(exit status {status}: the older policy is refused by its anti-rollback counter)")
     _run("device", "boot", str(dev))
 
     print("\n== 2. Run the fingerprint 2FA token")
