@@ -159,3 +159,46 @@ def tree() -> Callable[[Path], dict[str, bytes]]:
 def uuids() -> dict[str, str]:
     """Microservice UUID (string form) of every example, by name."""
     return {name: str(meta_for(name).uuid) for name in EXAMPLE_NAMES}
+
+
+TOKEN = Path(__file__).resolve().parents[1] / "examples" / "fingerprint-token"
+TOKEN_NAMES = ("biometric", "authenticator", "link", "analytics")
+
+
+def _ok(*argv: str | Path) -> None:
+    from ism.cli.main import main
+
+    assert main([str(a) for a in argv]) == 0, f"ism {' '.join(map(str, argv))} failed"
+
+
+def provision(tmp_path: Path, *init_options: str) -> Path:
+    """The fingerprint token through the CLI: developer key, device (``init_options`` choose its key
+    store), trust anchor, board + policy, the four microservices built, signed and installed."""
+    dev, key = tmp_path / "device", tmp_path / "dev.pem"
+    _ok("keygen", "--out", key)
+    _ok("device", "init", dev, *init_options)
+    _ok("device", "trust", dev, "--add", tmp_path / "dev.pub.pem")
+    _ok("device", "configure", dev, "--board", TOKEN / "board.toml", "--policy", TOKEN / "policy.toml")
+    for name in TOKEN_NAMES:
+        wasm, suit_path = tmp_path / f"{name}.wasm", tmp_path / f"{name}.suit"
+        wasm.write_bytes(bytes(wasmtime.wat2wasm((TOKEN / name / f"{name}.wat").read_text())))
+        _ok(
+            "package",
+            "build",
+            "--wasm",
+            wasm,
+            "--meta",
+            TOKEN / name / f"{name}.toml",
+            "--key",
+            key,
+            "--out",
+            suit_path,
+        )
+        _ok("device", "install", dev, suit_path)
+    return dev
+
+
+@pytest.fixture
+def provision_token() -> Callable[..., Path]:
+    """``provision_token(tmp_path, *init_options)``: see :func:`provision`."""
+    return provision

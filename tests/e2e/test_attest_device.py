@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NAMES
 from ism.cli.main import main
 from ism.formats import package, suit
+
+NAMES = ("biometric", "authenticator", "link", "analytics")
 
 
 def _reference(tmp_path: Path, tamper: str | None = None) -> Path:

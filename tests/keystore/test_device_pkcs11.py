@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import wasmtime
 from _softhsm import SoftHsm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from ism.boards.virtual import Fingerprint, Uart
-from ism.cli.main import main
 from ism.device.virtual import Device
 from ism.errors import PlatformError
 from ism.runtime import Runtime
@@ -24,68 +23,20 @@ NAMES = ("biometric", "authenticator", "link", "analytics")
 
 
 @pytest.fixture
-def pkcs11_device(softhsm: SoftHsm, tmp_path: Path) -> Path:
+def pkcs11_device(softhsm: SoftHsm, tmp_path: Path, provision_token: Callable[..., Path]) -> Path:
     pin = tmp_path / "pin"
     pin.write_text(softhsm.pin + "\n")
-    dev = tmp_path / "device"
-    key = tmp_path / "dev.pem"
-    assert main(["keygen", "--out", str(key)]) == 0
-    assert (
-        main(
-            [
-                "device",
-                "init",
-                str(dev),
-                "--keystore",
-                "pkcs11",
-                "--pkcs11-module",
-                softhsm.module,
-                "--pkcs11-token",
-                softhsm.label,
-                "--pkcs11-pin-file",
-                str(pin),
-            ]
-        )
-        == 0
+    return provision_token(
+        tmp_path,
+        "--keystore",
+        "pkcs11",
+        "--pkcs11-module",
+        softhsm.module,
+        "--pkcs11-token",
+        softhsm.label,
+        "--pkcs11-pin-file",
+        str(pin),
     )
-    assert main(["device", "trust", str(dev), "--add", str(tmp_path / "dev.pub.pem")]) == 0
-    assert (
-        main(
-            [
-                "device",
-                "configure",
-                str(dev),
-                "--board",
-                str(TOKEN / "board.toml"),
-                "--policy",
-                str(TOKEN / "policy.toml"),
-            ]
-        )
-        == 0
-    )
-    for name in NAMES:
-        wasm = tmp_path / f"{name}.wasm"
-        wasm.write_bytes(bytes(wasmtime.wat2wasm((TOKEN / name / f"{name}.wat").read_text())))
-        suit = tmp_path / f"{name}.suit"
-        assert (
-            main(
-                [
-                    "package",
-                    "build",
-                    "--wasm",
-                    str(wasm),
-                    "--meta",
-                    str(TOKEN / name / f"{name}.toml"),
-                    "--key",
-                    str(key),
-                    "--out",
-                    str(suit),
-                ]
-            )
-            == 0
-        )
-        assert main(["device", "install", str(dev), str(suit)]) == 0
-    return dev
 
 
 def test_token_signs_with_a_key_held_by_the_pkcs11_token(pkcs11_device: Path) -> None:
