@@ -41,9 +41,12 @@ from __future__ import annotations
 import re
 from typing import Final, Literal, Protocol, get_args
 
-from ism.errors import UsageError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-__all__ = ["KEY_TYPES", "KeyStore", "KeyType", "check_key_id"]
+from ism.errors import FormatError, UsageError
+
+__all__ = ["KEY_TYPES", "KeyStore", "KeyType", "check_key_id", "load_p256_private"]
 
 KeyType = Literal["ecc-p256", "aes-256", "hmac-sha256"]
 KEY_TYPES: Final[tuple[str, ...]] = get_args(KeyType)
@@ -55,6 +58,21 @@ def check_key_id(key_id: str) -> str:
     if not isinstance(key_id, str) or not _KEY_ID.match(key_id) or ".." in key_id:
         raise UsageError("keystore.key-id", "key ids are lower-case letters, digits, '.', '_' and '-'", got=key_id)
     return key_id
+
+
+def load_p256_private(material: bytes) -> ec.EllipticCurvePrivateKey:
+    """Parses key material given to ``import_key`` for an ``ecc-p256`` key (PKCS#8 DER, P-256 only).
+
+    Raises:
+        FormatError: ``keystore.import``.
+    """
+    try:
+        key = serialization.load_der_private_key(bytes(material), password=None)
+    except ValueError:
+        raise FormatError("keystore.import", "not a DER private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise FormatError("keystore.import", "not a P-256 private key")
+    return key
 
 
 def check_key_type(key_type: str) -> KeyType:

@@ -79,7 +79,7 @@ from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 from pkcs11 import exceptions as p11
 
-from ism.crypto.keystore import KeyType, check_key_id, check_key_type
+from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_private
 from ism.errors import FormatError, PlatformError, SignatureError, StateCorruptError, UsageError
 
 __all__ = ["Pkcs11KeyStore"]
@@ -321,12 +321,7 @@ class Pkcs11KeyStore:
         check_key_type(key_type)
         check_key_id(key_id)
         if key_type == "ecc-p256":
-            try:
-                key = serialization.load_der_private_key(bytes(material), password=None)
-            except ValueError:
-                raise FormatError("keystore.import", "not a DER private key") from None
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-                raise FormatError("keystore.import", "not a P-256 private key")
+            key = load_p256_private(material)
             scalar = key.private_numbers().private_value.to_bytes(32, "big")
             point = key.public_key().public_bytes(
                 serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint

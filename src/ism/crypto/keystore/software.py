@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ism.crypto.keystore import KeyType, check_key_id, check_key_type
+from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_private
 from ism.errors import FormatError, SignatureError, StateCorruptError, UsageError
 from ism.formats import cbor
 
@@ -140,12 +140,7 @@ class SoftwareKeyStore:
     def import_key(self, key_id: str, key_type: KeyType, material: bytes) -> None:
         check_key_type(key_type)
         if key_type == "ecc-p256":
-            try:
-                key = serialization.load_der_private_key(material, password=None)
-            except ValueError:
-                raise FormatError("keystore.import", "not a DER private key") from None
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-                raise FormatError("keystore.import", "not a P-256 private key")
+            load_p256_private(material)  # validates; the DER is stored as given
         elif len(material) != _SIZES[key_type]:
             raise FormatError("keystore.import", f"a {key_type} key is {_SIZES[key_type]} bytes", got=len(material))
         self._store(key_id, key_type, bytes(material))

@@ -166,7 +166,7 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import wrap
 
-from ism.crypto.keystore import KeyType, check_key_id, check_key_type
+from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_private
 from ism.errors import FormatError, PlatformError, SignatureError, StateCorruptError, UsageError
 from ism.formats import cbor
 
@@ -611,12 +611,7 @@ class TpmKeyStore:
         check_key_type(key_type)
         check_key_id(key_id)
         if key_type == "ecc-p256":
-            try:
-                key = serialization.load_der_private_key(bytes(material), password=None)
-            except ValueError:
-                raise FormatError("keystore.import", "not a DER private key") from None
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-                raise FormatError("keystore.import", "not a P-256 private key")
+            key = load_p256_private(material)
             with self._tpm("import a key", key_id):
                 self._refuse_existing(key_id)
                 objects = [self._import_ecc(key_id, key)]
