@@ -29,6 +29,8 @@ Layout::
     DIR/keys/identity-ca.der        the device identity CA certificate
     DIR/trust/<signer-id>.pem       trust anchors for microservice signers
     DIR/trust/policy/<signer-id>.pem  trust anchors for policy signers (the vendor's policy key)
+    DIR/trust/vendor/<signer-id>.pem  trust anchors for the vendor's device commands (ism.device.commands)
+    DIR/trust/store/<signer-id>.pem   trust anchors for the store's commands (bans)
     DIR/config/board.toml, policy.toml  board file and policy in clear (``configure``; unprotected devices only)
     DIR/config/policy.cose          the protected policy artifact (``install_policy``), encrypted to the device
     DIR/state/rollback.cose         COSE_Mac0 over the anti-rollback counters
@@ -105,8 +107,9 @@ POLICY_KEY_ID: Final = "device.policy"
 POLICY_COUNTER: Final = "policy"
 #: largest policy artifact the device accepts (two texts of at most MAX_TEXT, plus the envelope)
 MAX_POLICY_SIZE: Final = 2 * MAX_TEXT + 4096
-#: who a trust anchor vouches for: microservice packages, or the access policy
-ANCHOR_ROLES: Final = ("microservice", "policy")
+#: who a trust anchor vouches for: microservice packages, the access policy, the vendor's device
+#: commands (provisioning bundles, reset, decommission, lifecycle), the store (bans)
+ANCHOR_ROLES: Final = ("microservice", "policy", "vendor", "store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +310,7 @@ class Device:
     # -- trust anchors ----------------------------------------------------------------------------
 
     def add_anchor(self, pem: bytes, role: str = "microservice") -> bytes:
-        """Adds a trust anchor for microservice signers (or, with ``role="policy"``, policy signers).
+        """Adds a trust anchor for ``role`` (one of :data:`ANCHOR_ROLES`): microservice signers by default.
 
         Returns:
             The anchor's signer ID.
@@ -325,7 +328,15 @@ class Device:
     def _anchor_dir(self, role: str) -> Path:
         if role not in ANCHOR_ROLES:
             raise UsageError("device.anchor-role", f"a trust anchor's role is one of {list(ANCHOR_ROLES)}", got=role)
-        return self.root / "trust" / "policy" if role == "policy" else self.root / "trust"
+        return self.root / "trust" if role == "microservice" else self.root / "trust" / role
+
+    def remove_anchor(self, sid: bytes, role: str) -> bool:
+        """Removes the ``role`` trust anchor with signer ID ``sid``; False if there was none."""
+        path = self._anchor_dir(role) / f"{sid.hex()}.pem"
+        if not path.is_file():
+            return False
+        atomic_remove(path, self.faults)
+        return True
 
     def anchors(self, role: str = "microservice") -> list[PublicKey]:
         """The provisioned trust anchors of ``role``; a file that does not match its name is ignored."""
@@ -351,6 +362,13 @@ class Device:
         counters = _open_counters(data, self._state_key)
         self._check_fresh(data)
         return counters
+
+    def advance_counter(self, name: str, value: int) -> None:
+        """Raises the anti-rollback counter ``name`` to ``value`` (never lowers it)."""
+        counters = self.counters()
+        if value > counters.get(name, 0):
+            counters[name] = value
+            self._store_counters(counters)
 
     def _nv_counter(self) -> Any:
         """The TPM NV counter that is the counters' freshness root, on TPM-backed devices."""
