@@ -1,8 +1,9 @@
-"""The KeyStore conformance suite (software and PKCS#11 backends alike) and the PKCS#11 edge cases.
+"""The KeyStore conformance suite (software, PKCS#11 and TPM backends alike) and the PKCS#11 edge cases.
 
-Every test taking ``backend`` runs against :class:`SoftwareKeyStore` and
-against :class:`Pkcs11KeyStore` on a real SoftHSM2 token; the cross-backend
-tests import the same material into both and require identical results.
+Every test taking ``backend`` runs against :class:`SoftwareKeyStore`,
+against :class:`Pkcs11KeyStore` on a real SoftHSM2 token and against
+:class:`TpmKeyStore` on swtpm; the cross-backend tests import the same
+material into both and require identical results.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from _softhsm import SoftHsm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -49,6 +51,26 @@ def der_signature(raw: bytes) -> bytes:
 
 def flip(data: bytes, index: int = 0) -> bytes:
     return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
+
+
+def spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+#: P-256: y^2 = x^3 - 3x + b (mod p).
+P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+
+
+def off_curve_spki() -> bytes:
+    """A well-formed P-256 SubjectPublicKeyInfo (uncompressed point) whose point is not on the curve (y + 1)."""
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    x, y = key.public_numbers().x, key.public_numbers().y
+    der = spki(key)
+    assert der[-64:] == x.to_bytes(32, "big") + y.to_bytes(32, "big")
+    forged_y = (y + 1) % P256_P
+    assert (forged_y * forged_y - (x**3 - 3 * x + P256_B)) % P256_P != 0
+    return der[:-32] + forged_y.to_bytes(32, "big")
 
 
 @contextmanager
@@ -240,37 +262,84 @@ def test_wrong_key_type_for_operation(backend: KeyStore, new_id: NewId) -> None:
         lambda: backend.mac(ecc, MESSAGE),
         lambda: backend.derive(ecc, b"x", new_id("w-new"), "aes-256"),
         lambda: backend.derive(mac, b"x", new_id("w-new"), "ecc-p256"),
+        lambda: backend.ecdh(aes, spki(ec.generate_private_key(ec.SECP256R1()).public_key())),
+        lambda: backend.ecdh(mac, spki(ec.generate_private_key(ec.SECP256R1()).public_key())),
     ]
     for call in calls:
         with raises_rule(UsageError, "keystore.key-type"):
             call()
 
 
-def test_ecdh(backend: KeyStore, new_id: NewId) -> None:
-    """ECDH (the protected policy's key agreement): software now; PKCS#11 and TPM say so plainly."""
-    key_id, aes = new_id("ecdh"), new_id("ecdh-aes")
-    backend.generate(key_id, "ecc-p256")
-    peer = ec.generate_private_key(ec.SECP256R1())
-    peer_der = peer.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if backend.backend != "software":
-        with raises_rule(UsageError, "keystore.unsupported"):
-            backend.ecdh(key_id, peer_der)
-        return
-    own = serialization.load_der_public_key(backend.public_key(key_id))
+def test_ecdh_equals_the_peer_side_exchange(backend: KeyStore, software_store: SoftwareKeyStore, new_id: NewId) -> None:
+    """ECDH (the protected policy's key agreement) in every backend: the raw X coordinate, as ``cryptography``."""
+    generated, imported = new_id("ecdh"), new_id("ecdh-imported")
+    backend.generate(generated, "ecc-p256")
+    own = serialization.load_der_public_key(backend.public_key(generated))
     assert isinstance(own, ec.EllipticCurvePublicKey)
-    assert backend.ecdh(key_id, peer_der) == peer.exchange(ec.ECDH(), own)
-    p384 = ec.generate_private_key(ec.SECP384R1()).public_key()
+    secrets = set()
+    for _ in range(3):
+        peer = ec.generate_private_key(ec.SECP256R1())
+        shared = backend.ecdh(generated, spki(peer.public_key()))
+        assert len(shared) == 32
+        assert shared == peer.exchange(ec.ECDH(), own)
+        secrets.add(shared)
+    assert len(secrets) == 3
+    # the same key material gives the same secret as the software store, and the key still signs
+    private = ec.generate_private_key(ec.SECP256R1())
+    backend.import_key(imported, "ecc-p256", p256_pkcs8(private))
+    if backend is not software_store:  # for the software backend both are the same store
+        software_store.import_key(imported, "ecc-p256", p256_pkcs8(private))
+    peer = ec.generate_private_key(ec.SECP256R1())
+    expected = private.exchange(ec.ECDH(), peer.public_key())
+    assert expected == peer.exchange(ec.ECDH(), private.public_key())
+    assert backend.ecdh(imported, spki(peer.public_key())) == expected
+    assert software_store.ecdh(imported, spki(peer.public_key())) == expected
+    # a secret with a leading zero byte is still 32 bytes (tokens and TPMs may drop it): 1 peer in 256
+    peer, expected = next(
+        (candidate, shared)
+        for candidate in (ec.generate_private_key(ec.SECP256R1()) for _ in range(20000))
+        if (shared := private.exchange(ec.ECDH(), candidate.public_key()))[0] == 0
+    )
+    assert backend.ecdh(imported, spki(peer.public_key())) == expected
+    backend.verify(generated, MESSAGE, backend.sign(generated, MESSAGE))
+    backend.verify(imported, MESSAGE, backend.sign(imported, MESSAGE))
+
+
+def test_ecdh_refuses_bad_peer_keys_and_wrong_keys(backend: KeyStore, new_id: NewId) -> None:
+    key_id, aes, mac = new_id("ecdh-bad"), new_id("ecdh-aes"), new_id("ecdh-mac")
+    backend.generate(key_id, "ecc-p256")
+    peer_der = spki(ec.generate_private_key(ec.SECP256R1()).public_key())
+    p384 = spki(ec.generate_private_key(ec.SECP384R1()).public_key())
+    ed25519 = Ed25519PrivateKey.generate().public_key()
+    raw_point = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    )
     for bad in (
+        b"",
         b"not a key",
-        p384.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        peer_der[:-1],  # truncated
+        peer_der + b"\x00",  # trailing byte
+        raw_point,  # a bare point, not a SubjectPublicKeyInfo
+        p384,
+        ed25519.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        off_curve_spki(),
+        p256_pkcs8(),  # a private key
     ):
         with raises_rule(FormatError, "keystore.peer-key"):
             backend.ecdh(key_id, bad)
     backend.generate(aes, "aes-256")
-    with raises_rule(UsageError, "keystore.key-type"):
-        backend.ecdh(aes, peer_der)
+    backend.generate(mac, "hmac-sha256")
+    for wrong in (aes, mac):
+        with raises_rule(UsageError, "keystore.key-type"):
+            backend.ecdh(wrong, peer_der)
+    with raises_rule(UsageError, "keystore.missing"):
+        backend.ecdh(new_id("ecdh-gone"), peer_der)
+    with raises_rule(UsageError, "keystore.key-id"):
+        backend.ecdh("../escape", peer_der)
+    # the key is still usable after the refusals
+    assert len(backend.ecdh(key_id, peer_der)) == 32
 
 
 def test_missing_key(backend: KeyStore, new_id: NewId) -> None:
@@ -284,6 +353,7 @@ def test_missing_key(backend: KeyStore, new_id: NewId) -> None:
         lambda: backend.decrypt(gone, NONCE, bytes(16), b""),
         lambda: backend.mac(gone, MESSAGE),
         lambda: backend.derive(gone, b"x", new_id("new"), "aes-256"),
+        lambda: backend.ecdh(gone, spki(ec.generate_private_key(ec.SECP256R1()).public_key())),
     ]
     for call in calls:
         with raises_rule(UsageError, "keystore.missing"):
@@ -342,15 +412,9 @@ def test_imported_material_cannot_be_read_back(backend: KeyStore, new_id: NewId)
         backend.mac(mac, b""),
         backend.public_key(ecc),
         backend.sign(ecc, secret),
+        backend.ecdh(ecc, spki(ec.generate_private_key(ec.SECP256R1()).public_key())),
         repr(backend).encode(),
     ]
-    if backend.backend == "software":  # the others do not implement ECDH yet (test_ecdh)
-        peer = ec.generate_private_key(ec.SECP256R1()).public_key()
-        outputs.append(
-            backend.ecdh(
-                ecc, peer.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-            )
-        )
     for output in outputs:
         for needle in (secret, scalar, pkcs8):
             assert needle not in output
@@ -432,6 +496,63 @@ def test_token_objects_are_sensitive_and_non_extractable(
             obj[pkcs11.Attribute.VALUE]
     # derive left no temporary object behind
     assert not [o for o in token_session.get_objects() if str(o[pkcs11.Attribute.LABEL]).startswith("~")]
+
+
+def test_ecdh_leaves_no_object_and_keys_can_derive(
+    pkcs11_store: Pkcs11KeyStore, token_session: pkcs11.Session, new_id: NewId
+) -> None:
+    """The readable session secret of an ECDH is destroyed at once; ecc-p256 private keys carry CKA_DERIVE."""
+    generated, imported = new_id("ecdh-obj"), new_id("ecdh-obj-imported")
+    pkcs11_store.generate(generated, "ecc-p256")
+    pkcs11_store.import_key(imported, "ecc-p256", p256_pkcs8())
+    for key_id in (generated, imported):
+        (private,) = token_session.get_objects(
+            {pkcs11.Attribute.LABEL: key_id, pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
+        )
+        assert private[pkcs11.Attribute.DERIVE] is True
+        assert private[pkcs11.Attribute.SIGN] is True
+        assert private[pkcs11.Attribute.SENSITIVE] is True
+        assert private[pkcs11.Attribute.EXTRACTABLE] is False
+    session_objects = {pkcs11.Attribute.TOKEN: False}  # SoftHSM2 shows them to every session of the process
+    before = len(list(token_session.get_objects(session_objects)))
+    peer = spki(ec.generate_private_key(ec.SECP256R1()).public_key())
+    for key_id in (generated, imported):
+        pkcs11_store.ecdh(key_id, peer)
+    with raises_rule(FormatError, "keystore.peer-key"):
+        pkcs11_store.ecdh(generated, off_curve_spki())
+    assert len(list(token_session.get_objects(session_objects))) == before
+
+
+def test_ecdh_refuses_a_key_created_sign_only(softhsm: SoftHsm, pkcs11_store: Pkcs11KeyStore, new_id: NewId) -> None:
+    """A key pair made before ECDH support (CKA_DERIVE false) still signs, and refuses ECDH by its own rule."""
+    key_id = new_id("sign-only")
+    session = pkcs11.lib(softhsm.module).get_token(token_label=softhsm.label).open(rw=True)
+    try:
+        session.generate_keypair(
+            pkcs11.KeyType.EC,
+            mechanism=pkcs11.Mechanism.EC_KEY_PAIR_GEN,
+            store=True,
+            label=key_id,
+            public_template={
+                pkcs11.Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107"),
+                pkcs11.Attribute.TOKEN: True,
+                pkcs11.Attribute.VERIFY: True,
+            },
+            private_template={
+                pkcs11.Attribute.TOKEN: True,
+                pkcs11.Attribute.PRIVATE: True,
+                pkcs11.Attribute.SENSITIVE: True,
+                pkcs11.Attribute.EXTRACTABLE: False,
+                pkcs11.Attribute.SIGN: True,
+                pkcs11.Attribute.DERIVE: False,
+            },
+        )
+    finally:
+        session.close()
+    assert pkcs11_store.key_type(key_id) == "ecc-p256"
+    pkcs11_store.verify(key_id, MESSAGE, pkcs11_store.sign(key_id, MESSAGE))
+    with raises_rule(UsageError, "keystore.key-usage"):
+        pkcs11_store.ecdh(key_id, spki(ec.generate_private_key(ec.SECP256R1()).public_key()))
 
 
 def test_failed_generate_and_import_write_nothing(

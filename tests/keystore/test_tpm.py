@@ -21,15 +21,16 @@ import pytest
 from _swtpm import INSTALL_HINT, Swtpm, find_swtpm, start_swtpm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import TPM2_ALG, TPMA_NV, TPMA_OBJECT
-from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPM2B_PUBLIC, TPMS_NV_PUBLIC
 
 from ism.crypto.keystore.software import SoftwareKeyStore
-from ism.crypto.keystore.tpm import TpmCounter, TpmKeyStore, _KeyFile, _storage_primary_template
-from ism.errors import IsmError, PlatformError, StateCorruptError, UsageError
+from ism.crypto.keystore.tpm import TpmCounter, TpmKeyStore, _KeyFile, _storage_primary_template, _template
+from ism.errors import FormatError, IsmError, PlatformError, StateCorruptError, UsageError
 
 NewId = Callable[[str], str]
 NONCE = bytes(range(12))
@@ -40,6 +41,10 @@ def p256_pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @contextmanager
@@ -154,11 +159,15 @@ def test_keys_survive_reopen_and_tpm_restart(own_tpm: Callable[[str], Swtpm], tm
         store.generate(aes, "aes-256")
         public = store.public_key(ecc)
         sealed = store.encrypt(aes, NONCE, MESSAGE, b"ad")
+    peer = ec.generate_private_key(ec.SECP256R1())
+    own = serialization.load_der_public_key(public)
+    assert isinstance(own, ec.EllipticCurvePublicKey)
     with TpmKeyStore(tpm.tcti, keys) as store:  # the primary key is recreated from its template
         store.verify(ecc, MESSAGE, store.sign(ecc, MESSAGE))
     tpm.restart()
     with TpmKeyStore(tpm.tcti, keys) as store:
         assert store.public_key(ecc) == public
+        assert store.ecdh(ecc, spki(peer.public_key())) == peer.exchange(ec.ECDH(), own)
         assert store.mac(mac, MESSAGE) == hmac.new(material, MESSAGE, hashlib.sha256).digest()
         assert store.decrypt(aes, NONCE, sealed, b"ad") == MESSAGE
         assert sorted(p.name for p in keys.iterdir()) == sorted(
@@ -188,6 +197,7 @@ def test_key_files_are_useless_on_another_tpm(own_tpm: Callable[[str], Swtpm], t
             lambda: thief.mac(key_ids["hmac-sha256"], MESSAGE),
             lambda: thief.encrypt(key_ids["aes-256"], NONCE, MESSAGE, b""),
             lambda: thief.derive(key_ids["aes-256"], b"x", new_id("loot"), "aes-256"),
+            lambda: thief.ecdh(key_ids["ecc-p256"], spki(ec.generate_private_key(ec.SECP256R1()).public_key())),
         ]
         for call in calls:
             with raises_rule(StateCorruptError, "keystore.integrity") as caught:
@@ -243,6 +253,37 @@ def test_key_file_bound_to_its_id_and_roles(tpm_store: TpmKeyStore, new_id: NewI
     tpm_store.encrypt(aes, NONCE, MESSAGE, b"")  # the intact file still works
 
 
+def test_sign_only_keys_from_before_ecdh_still_sign_and_refuse_ecdh(
+    tpm_store: TpmKeyStore, swtpm: Swtpm, new_id: NewId
+) -> None:
+    """Key files written before ECDH support (sign-only, scheme ECDSA) load, sign and verify; ECDH is refused."""
+    key_id = new_id("sign-only")
+    with esapi(swtpm) as tpm:
+        primary, *_ = tpm.create_primary(None, _storage_primary_template())
+        try:
+            private, public, *_ = tpm.create(
+                primary, None, TPM2B_PUBLIC(publicArea=_template(key_id, "ecc-p256", sign_only=True))
+            )
+        finally:
+            tpm.flush_context(primary)
+    assert not public.publicArea.objectAttributes & TPMA_OBJECT.DECRYPT
+    assert public.publicArea.parameters.eccDetail.scheme.scheme == TPM2_ALG.ECDSA
+    path = tpm_store.state_dir / f"{key_id}.tpmkey"
+    path.write_bytes(_KeyFile.dump("ecc-p256", [(bytes(public.marshal()), bytes(private.marshal()))]))
+    assert tpm_store.key_type(key_id) == "ecc-p256"
+    verifier = serialization.load_der_public_key(tpm_store.public_key(key_id))
+    assert isinstance(verifier, ec.EllipticCurvePublicKey)
+    signature = tpm_store.sign(key_id, MESSAGE)
+    tpm_store.verify(key_id, MESSAGE, signature)
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    verifier.verify(encode_dss_signature(r, s), MESSAGE, ec.ECDSA(hashes.SHA256()))
+    with raises_rule(UsageError, "keystore.key-usage"):
+        tpm_store.ecdh(key_id, spki(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    # the peer key is checked before the key is loaded, as for every other key
+    with raises_rule(FormatError, "keystore.peer-key"):
+        tpm_store.ecdh(key_id, b"not a key")
+
+
 def test_objects_have_the_documented_attributes(tpm_store: TpmKeyStore, swtpm: Swtpm, new_id: NewId) -> None:
     """Generated ECC keys are TPM-born and fixed; HMAC and PRK objects cannot be unsealed; only AES keys can."""
     ids = {t: new_id(f"a-{t}") for t in ("ecc-p256", "hmac-sha256", "aes-256")}
@@ -263,6 +304,12 @@ def test_objects_have_the_documented_attributes(tpm_store: TpmKeyStore, swtpm: S
         imported, (tpm_store.state_dir / f"{imported}.tpmkey").read_bytes()
     ).objects
     assert len(bytes(imported_public.publicArea.authPolicy)) == 32  # no empty policy: Duplicate is unreachable
+    # ECC keys sign and agree (TPM2_ECDH_ZGen needs decrypt, unrestricted; both uses need scheme NULL)
+    for area in (ecc_public.publicArea, imported_public.publicArea):
+        usage = TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.DECRYPT
+        assert area.objectAttributes & usage == usage
+        assert not area.objectAttributes & TPMA_OBJECT.RESTRICTED
+        assert area.parameters.eccDetail.scheme.scheme == TPM2_ALG.NULL
     with esapi(swtpm) as tpm:
         primary, *_ = tpm.create_primary(None, _storage_primary_template())
         try:
@@ -302,10 +349,13 @@ def test_no_secret_crosses_the_tpm_bus_in_clear(
         assert store.decrypt(derived, NONCE, store.encrypt(derived, NONCE, MESSAGE, b""), b"") == MESSAGE
         store.mac(mac, MESSAGE)
         store.sign(ecc, MESSAGE)
+        peer = ec.generate_private_key(ec.SECP256R1())
+        shared = store.ecdh(ecc, spki(peer.public_key()))
     assert AESGCM(material).decrypt(NONCE, sealed, b"") == MESSAGE
+    assert shared == peer.exchange(ec.ECDH(), ecc_key.public_key())
     traffic = capture.read_bytes()
     assert hashlib.sha256(b"ism-tpm-key\x00" + aes.encode() + b"\x00prk").digest() in traffic  # the capture works
-    for secret in (material, prk, okm, hmac.new(bytes(32), okm, hashlib.sha256).digest(), scalar):
+    for secret in (material, prk, okm, hmac.new(bytes(32), okm, hashlib.sha256).digest(), scalar, shared):
         assert secret not in traffic
 
 

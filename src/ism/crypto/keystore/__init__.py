@@ -18,8 +18,10 @@ code, no oracle).
 shared secret of an ephemeral-static key agreement (ECDH-ES), which the
 caller feeds into a KDF at once (the protected policy, :mod:`ism.crypto.policy_seal`).
 It is a per-message secret, not the stored key, which never leaves the store.
-Only the ``software`` backend implements it yet; ``pkcs11`` (``CKM_ECDH1_DERIVE``)
-and ``tpm`` (``TPM2_ECDH_ZGen``) raise ``keystore.unsupported``.
+Every backend implements it: ``software`` with ``cryptography``, ``pkcs11``
+with ``CKM_ECDH1_DERIVE`` in the token, ``tpm`` with ``TPM2_ECDH_ZGen`` in the
+TPM; in each the shared secret (the X coordinate, 32 bytes) transits host
+memory. The peer key is parsed by :func:`load_p256_peer` (``keystore.peer-key``).
 
 Operations (all by key id):
 
@@ -41,12 +43,13 @@ from __future__ import annotations
 import re
 from typing import Final, Literal, Protocol, get_args
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ism.errors import FormatError, UsageError
 
-__all__ = ["KEY_TYPES", "KeyStore", "KeyType", "check_key_id", "load_p256_private"]
+__all__ = ["KEY_TYPES", "KeyStore", "KeyType", "check_key_id", "load_p256_peer", "load_p256_private"]
 
 KeyType = Literal["ecc-p256", "aes-256", "hmac-sha256"]
 KEY_TYPES: Final[tuple[str, ...]] = get_args(KeyType)
@@ -72,6 +75,21 @@ def load_p256_private(material: bytes) -> ec.EllipticCurvePrivateKey:
         raise FormatError("keystore.import", "not a DER private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise FormatError("keystore.import", "not a P-256 private key")
+    return key
+
+
+def load_p256_peer(der: bytes) -> ec.EllipticCurvePublicKey:
+    """Parses the peer key given to ``ecdh``: a P-256 SubjectPublicKeyInfo (DER) whose point is on the curve.
+
+    Raises:
+        FormatError: ``keystore.peer-key``.
+    """
+    try:
+        key = serialization.load_der_public_key(bytes(der))
+    except (ValueError, UnsupportedAlgorithm):  # not DER, an unknown algorithm or curve, a point off the curve
+        raise FormatError("keystore.peer-key", "the peer key is not a DER SubjectPublicKeyInfo") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise FormatError("keystore.peer-key", "the peer key is not a P-256 key")
     return key
 
 

@@ -11,7 +11,7 @@ object (``CKA_TOKEN``) whose ``CKA_LABEL`` is the key id; private and secret
 keys are created ``CKA_SENSITIVE`` and not ``CKA_EXTRACTABLE``, so the token
 refuses to export them, even wrapped. Generated keys (and the private key
 of a generated pair) never leave the token; signing, verification,
-AES-GCM and HMAC run inside it. What an attacker with the host's memory
+AES-GCM, HMAC and ECDH run inside it. What an attacker with the host's memory
 could still learn is listed per operation below; a stolen key file is no
 threat here because there is none (the token's own storage protects it).
 
@@ -21,7 +21,8 @@ never stored):
 ===============  ============================================================  ==========================
 iSM type         token objects labelled with the key id                        mechanism
 ===============  ============================================================  ==========================
-``ecc-p256``     ``CKO_PRIVATE_KEY`` + ``CKO_PUBLIC_KEY``, ``CKK_EC`` (P-256)  ``CKM_ECDSA`` over SHA-256
+``ecc-p256``     ``CKO_PRIVATE_KEY`` + ``CKO_PUBLIC_KEY``, ``CKK_EC`` (P-256)  ``CKM_ECDSA`` over SHA-256,
+                 (the private key ``CKA_SIGN`` and ``CKA_DERIVE``)             ``CKM_ECDH1_DERIVE``
 ``aes-256``      ``CKO_SECRET_KEY``, ``CKK_AES`` (32 bytes)                    ``CKM_AES_GCM``
 ``hmac-sha256``  ``CKO_SECRET_KEY``, ``CKK_GENERIC_SECRET`` (32 bytes)         ``CKM_SHA256_HMAC``
 ===============  ============================================================  ==========================
@@ -32,6 +33,19 @@ What transits host memory:
   tokens such as SoftHSM2 have no combined ECDSA-with-SHA-256 mechanism) and
   the signature; ``encrypt``/``decrypt``/``mac``: their inputs and outputs.
 * ``import_key``: the material the caller passed (it was already on the host).
+* ``ecdh``: the peer's public key and the shared secret, by design of the
+  interface (the software store returns it too): ``CKM_ECDH1_DERIVE`` with
+  ``CKD_NULL`` (no KDF: the raw X coordinate, 32 bytes, as the software store)
+  derives it in the token into a *session* object (``CKA_TOKEN`` false)
+  of type ``CKK_GENERIC_SECRET`` with no usage; reading a derived value
+  needs ``CKA_SENSITIVE`` false and ``CKA_EXTRACTABLE`` true, so that object
+  alone is created readable. Its ``CKA_VALUE`` is read and the object is
+  destroyed at once (a session object also dies with its session). The
+  private key stays in the token. ECDH needs ``CKA_DERIVE`` on the private
+  key: ``ecc-p256`` keys are created with it (and with ``CKA_SIGN``: the same
+  key signs and agrees, as in the software store); a key created before
+  ECDH support has ``CKA_DERIVE`` false and refuses ``ecdh`` with
+  ``keystore.key-usage`` (it is not changed behind the caller's back).
 * ``derive`` (HKDF-SHA-256, no salt, 32 bytes, identical to the software
   backend): SoftHSM2 has no ``CKM_HKDF_DERIVE`` and no mechanism that keeps a
   digest inside the token, so Extract is ``C_DigestKey``-based and its
@@ -55,6 +69,8 @@ logs out.
 
 Errors: module not loadable or token not found → ``keystore.unavailable``;
 wrong or locked PIN → ``keystore.locked``; no such key → ``keystore.missing``;
+a peer key that is not a P-256 SubjectPublicKeyInfo with its point on the
+curve → ``keystore.peer-key``;
 a GCM tag or signature that fails → :class:`~ism.errors.SignatureError`;
 any other refusal of the token → ``keystore.token``; use after
 :meth:`Pkcs11KeyStore.close` → ``keystore.closed``. A failed operation
@@ -75,11 +91,11 @@ from typing import Any, Final
 import pkcs11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pkcs11 import Attribute, Mechanism, ObjectClass
+from pkcs11 import KDF, Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 from pkcs11 import exceptions as p11
 
-from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_private
+from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_peer, load_p256_private
 from ism.errors import FormatError, PlatformError, SignatureError, StateCorruptError, UsageError
 
 __all__ = ["Pkcs11KeyStore"]
@@ -92,6 +108,22 @@ _IPAD0: Final = b"\x36" * 64
 _OPAD0: Final = b"\x5c" * 64
 #: Label prefix of an object being derived; "~" cannot occur in a key id.
 _TMP_PREFIX: Final = "~ism-tmp~"
+#: The ECDH shared secret: the X coordinate of a P-256 point.
+_ECDH_SIZE: Final = 32
+#: The session object an ECDH derives into: no usage, and readable (the one way to get a derived value out).
+_ECDH_SECRET_TEMPLATE: Final = {
+    Attribute.TOKEN: False,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: False,
+    Attribute.EXTRACTABLE: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+}
 
 _KEY_CLASSES: Final = (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.SECRET_KEY)
 _HMAC_KEY_TYPES: Final = (P11KeyType.GENERIC_SECRET, P11KeyType.SHA256_HMAC)
@@ -454,12 +486,42 @@ class Pkcs11KeyStore:
                 okm[:] = bytes(len(okm))
 
     def ecdh(self, key_id: str, peer_public_der: bytes) -> bytes:
-        """Not yet: ECDH through the token (``CKM_ECDH1_DERIVE`` into a session secret) is future work.
+        """ECDH on P-256 in the token: the shared secret (X coordinate, 32 bytes) of ``key_id`` and the peer key.
+
+        ``CKM_ECDH1_DERIVE`` (``CKD_NULL``) into a readable session secret that
+        is read and destroyed at once; see the module docstring for what
+        crosses host memory. The caller must run the secret through a KDF at
+        once and drop it.
 
         Raises:
-            UsageError: ``keystore.unsupported``.
+            FormatError: ``keystore.peer-key`` if the peer key is not a P-256 SubjectPublicKeyInfo.
+            UsageError: ``keystore.key-type`` if ``key_id`` is not an ``ecc-p256`` key;
+                ``keystore.key-usage`` if it was created without ``CKA_DERIVE`` (before ECDH support).
         """
-        raise UsageError("keystore.unsupported", "ECDH is not implemented for the pkcs11 key store yet", subject=key_id)
+        with self._token("compute an ECDH shared secret", key_id):
+            private, _ = self._typed(key_id, "ecc-p256")
+            peer = load_p256_peer(peer_public_der)
+            if not private[Attribute.DERIVE]:
+                raise UsageError(
+                    "keystore.key-usage",
+                    "this ecc-p256 key was created for signing only (before ECDH support): it cannot do ECDH",
+                    subject=key_id,
+                )
+            point = peer.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+            secret = private.derive_key(
+                P11KeyType.GENERIC_SECRET,
+                _ECDH_SIZE * 8,
+                mechanism=Mechanism.ECDH1_DERIVE,
+                mechanism_param=(KDF.NULL, None, point),
+                template=_ECDH_SECRET_TEMPLATE,
+            )
+            try:
+                shared = bytes(secret[Attribute.VALUE])
+            finally:
+                secret.destroy()
+        if len(shared) != _ECDH_SIZE:
+            raise PlatformError("keystore.token", "the token returned a malformed ECDH shared secret", subject=key_id)
+        return shared
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -550,7 +612,7 @@ def _private_template(label: str) -> dict[Attribute, Any]:
         Attribute.SIGN: True,
         Attribute.DECRYPT: False,
         Attribute.UNWRAP: False,
-        Attribute.DERIVE: False,
+        Attribute.DERIVE: True,  # CKM_ECDH1_DERIVE (ecdh)
     }
 
 

@@ -24,7 +24,9 @@ SHA-256, ``userWithAuth``, empty auth value, ``noDA``):
 ===============  ===========================================================  =============================
 iSM type         TPM objects in the key file (role)                           operations in the TPM
 ===============  ===========================================================  =============================
-``ecc-p256``     ECC NIST P-256 signing key, scheme ECDSA/SHA-256             ``TPM2_Sign`` (host hashes)
+``ecc-p256``     ECC NIST P-256 key, ``sign`` + ``decrypt``, not restricted,  ``TPM2_Sign`` (host hashes,
+                 scheme NULL (each ``TPM2_Sign`` names ECDSA/SHA-256)         ECDSA/SHA-256),
+                                                                              ``TPM2_ECDH_ZGen``
 ``hmac-sha256``  keyed-hash HMAC-SHA-256 key; plus the HKDF PRK as another    ``TPM2_HMAC`` / HMAC sequence
                  keyed-hash HMAC key (role ``prk``)
 ``aes-256``      sealed data object holding the 32-byte key; plus ``prk``     ``TPM2_Unseal`` (see below)
@@ -72,6 +74,20 @@ libraries are not):
   the signature. ``verify`` loads the key in the TPM (binding check) and
   verifies with ``cryptography`` against the TPM-checked public area.
 * ``mac``: its input and output.
+* ``ecdh``: the peer's public key and the shared secret, by design of the
+  interface (the software store returns it too): ``TPM2_ECDH_ZGen`` returns
+  the point ``Z``, whose X coordinate (32 bytes) is the secret; the private
+  scalar stays in the TPM. ``ZGen`` needs the ``decrypt`` attribute on an
+  unrestricted key whose scheme is NULL or ECDH, and a key that also signs
+  must have scheme NULL, so ``ecc-p256`` keys are created ``sign`` +
+  ``decrypt`` with scheme NULL and every ``TPM2_Sign`` passes ECDSA/SHA-256
+  explicitly: the same key signs and agrees, as in the software store (a
+  scheme-NULL key would also sign with the TPM's other ECC schemes for
+  whoever holds its key file and this TPM; the store uses ECDSA only).
+  Key files written before ECDH support hold sign-only keys (scheme
+  ECDSA/SHA-256, no ``decrypt``): they still load, sign and verify, and
+  refuse ``ecdh`` with ``keystore.key-usage`` (TPM object attributes cannot
+  change).
 * ``derive`` (HKDF-SHA-256, no salt, 32 bytes, equal to the software
   backend): Expand runs in the TPM, ``OKM = TPM2_HMAC(PRK, info || 0x01)``;
   the output key and its own PRK then transit host memory while the new
@@ -82,10 +98,10 @@ libraries are not):
 
 The TPM bus: every command that carries or returns a secret (``Create``
 with sensitive data, ``Import``'s inner key, ``Unseal``, ``HMAC``,
-``GetRandom``) runs in an HMAC session salted to the storage primary key
-with AES-128-CFB parameter encryption, so a passive observer of the TPM bus
-or socket sees no key material. The primary key's name is pinned in
-``state_dir/primary.name`` on first use (trust on first use): a later open
+``GetRandom``, ``ECDH_ZGen``'s point Z) runs in an HMAC session salted to
+the storage primary key with AES-128-CFB parameter encryption, so a
+passive observer of the TPM bus or socket sees no key material. The primary
+key's name is pinned in ``state_dir/primary.name`` on first use (trust on first use): a later open
 against another TPM, a cleared owner hierarchy or an interposer answering
 with its own key is refused (``keystore.integrity``).
 
@@ -94,7 +110,9 @@ loadable on this TPM until its owner seed changes (``TPM2_Clear``): erasure
 is of the file, not in the TPM.
 
 Errors: TPM not reachable (TCTI failure), not started or in failure mode →
-``keystore.unavailable``; no such key → ``keystore.missing``; a key file
+``keystore.unavailable``; no such key → ``keystore.missing``; a peer key
+that is not a P-256 SubjectPublicKeyInfo with its point on the curve →
+``keystore.peer-key``; a key file
 that does not parse, fails the TPM's integrity check or is bound to another
 id → ``keystore.integrity``; a GCM tag or signature that fails →
 :class:`~ism.errors.SignatureError`; any other TPM or TSS refusal →
@@ -134,6 +152,7 @@ from tpm2_pytss.constants import (
 )
 from tpm2_pytss.types import (
     TPM2B_ECC_PARAMETER,
+    TPM2B_ECC_POINT,
     TPM2B_NV_PUBLIC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
@@ -166,7 +185,7 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import wrap
 
-from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_private
+from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_peer, load_p256_private
 from ism.errors import FormatError, PlatformError, SignatureError, StateCorruptError, UsageError
 from ism.formats import cbor
 
@@ -231,11 +250,22 @@ def _tag(key_id: str, role: str) -> bytes:
     return hashlib.sha256(b"ism-tpm-key\x00" + key_id.encode() + b"\x00" + role.encode()).digest()
 
 
-def _template(key_id: str, role: str, *, imported: bool = False) -> TPMT_PUBLIC:
-    """The public template of the object playing ``role`` in key ``key_id`` (``unique`` left empty)."""
+def _template(key_id: str, role: str, *, imported: bool = False, sign_only: bool = False) -> TPMT_PUBLIC:
+    """The public template of the object playing ``role`` in key ``key_id`` (``unique`` left empty).
+
+    ``sign_only``: the ``ecc-p256`` template of key files written before ECDH
+    support (no ``decrypt``, scheme ECDSA/SHA-256); still accepted, never created.
+    """
     tag = _tag(key_id, role)
     if role == "ecc-p256":
         attributes = _CHILD_ATTRIBUTES | _A.SIGN_ENCRYPT
+        if sign_only:
+            scheme = TPMT_ECC_SCHEME(
+                scheme=TPM2_ALG.ECDSA, details=TPMU_ASYM_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA256))
+            )
+        else:  # sign and ECDH (TPM2_ECDH_ZGen): a key with both needs scheme NULL
+            attributes |= _A.DECRYPT
+            scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL)
         if not imported:
             attributes |= _FIXED | _A.SENSITIVEDATAORIGIN
         return TPMT_PUBLIC(
@@ -246,9 +276,7 @@ def _template(key_id: str, role: str, *, imported: bool = False) -> TPMT_PUBLIC:
             parameters=TPMU_PUBLIC_PARMS(
                 eccDetail=TPMS_ECC_PARMS(
                     symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                    scheme=TPMT_ECC_SCHEME(
-                        scheme=TPM2_ALG.ECDSA, details=TPMU_ASYM_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA256))
-                    ),
+                    scheme=scheme,
                     curveID=TPM2_ECC.NIST_P256,
                     kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
                 )
@@ -521,7 +549,12 @@ class TpmKeyStore:
         try:
             role = _LAYOUT[key.key_type][index]
             area = public.publicArea
-            expected = _template(key.key_id, role, imported=not (area.objectAttributes & _A.FIXEDTPM))
+            expected = _template(
+                key.key_id,
+                role,
+                imported=not (area.objectAttributes & _A.FIXEDTPM),
+                sign_only=role == "ecc-p256" and not (area.objectAttributes & _A.DECRYPT),
+            )
             expected.unique = area.unique
             if expected.marshal() != area.marshal():
                 raise _corrupt(key.key_id, "holds an object bound to another key id or role")
@@ -749,12 +782,38 @@ class TpmKeyStore:
             self._write(new_id, new_type, objects, replace=True)
 
     def ecdh(self, key_id: str, peer_public_der: bytes) -> bytes:
-        """Not yet: ECDH in the TPM (``TPM2_ECDH_ZGen`` on a decrypt-capable key) is future work.
+        """ECDH on P-256 in the TPM: the shared secret (X coordinate, 32 bytes) of ``key_id`` and the peer key.
+
+        ``TPM2_ECDH_ZGen`` in the parameter-encrypted session; see the module
+        docstring for what crosses host memory. The caller must run the secret
+        through a KDF at once and drop it.
 
         Raises:
-            UsageError: ``keystore.unsupported``.
+            FormatError: ``keystore.peer-key`` if the peer key is not a P-256 SubjectPublicKeyInfo.
+            UsageError: ``keystore.key-type`` if ``key_id`` is not an ``ecc-p256`` key;
+                ``keystore.key-usage`` if it is a sign-only key (created before ECDH support).
         """
-        raise UsageError("keystore.unsupported", "ECDH is not implemented for the tpm key store yet", subject=key_id)
+        with self._tpm("compute an ECDH shared secret", key_id):
+            key = self._read(key_id, "ecc-p256")
+            numbers = load_p256_peer(peer_public_der).public_numbers()
+            point = TPM2B_ECC_POINT(
+                point=TPMS_ECC_POINT(
+                    x=TPM2B_ECC_PARAMETER(numbers.x.to_bytes(32, "big")),
+                    y=TPM2B_ECC_PARAMETER(numbers.y.to_bytes(32, "big")),
+                )
+            )
+            with self._loaded(key) as (handle, area):
+                if not area.objectAttributes & _A.DECRYPT:
+                    raise UsageError(
+                        "keystore.key-usage",
+                        "this ecc-p256 key was created for signing only (before ECDH support): it cannot do ECDH",
+                        subject=key_id,
+                    )
+                z = self._esapi.ecdh_zgen(handle, point, session1=self._session)
+        shared = bytes(z.point.x)
+        if len(shared) > 32:
+            raise PlatformError("keystore.token", "the TPM returned a malformed ECDH point", subject=key_id)
+        return shared.rjust(32, b"\x00")
 
 
 def _ec_public(key_id: str, area: TPMT_PUBLIC) -> ec.EllipticCurvePublicKey:
