@@ -21,14 +21,14 @@ import hmac
 import os
 from typing import Protocol
 
-from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_private
+from ism.crypto.keystore import KeyType, check_key_id, check_key_type, load_p256_peer, load_p256_private
 from ism.errors import FormatError, SignatureError, StateCorruptError, UsageError
 from ism.formats import cbor
 
@@ -216,10 +216,4 @@ class SoftwareKeyStore:
         """
         _, private = self._typed(key_id, "ecc-p256")
         assert private is not None
-        try:
-            peer = serialization.load_der_public_key(bytes(peer_public_der))
-        except (ValueError, UnsupportedAlgorithm):
-            raise FormatError("keystore.peer-key", "the peer key is not a DER SubjectPublicKeyInfo") from None
-        if not isinstance(peer, ec.EllipticCurvePublicKey) or not isinstance(peer.curve, ec.SECP256R1):
-            raise FormatError("keystore.peer-key", "the peer key is not a P-256 key")
-        return private.exchange(ec.ECDH(), peer)
+        return private.exchange(ec.ECDH(), load_p256_peer(peer_public_der))
