@@ -35,7 +35,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-unit: examples $(TEST_STAMP)
+unit: $(TEST_STAMP) examples
 	$(BIN)/pytest -q
 
 BENCHMARKS := boot cose hostcall gateway density services attest

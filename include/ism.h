@@ -1,8 +1,12 @@
 /* iSM host ABI, version 1 — for microservices written in C and compiled to wasm32.
  *
- * Build:  clang --target=wasm32 -nostdlib -O2 -Wl,--no-entry -Wl,--export-dynamic \
- *               -Wl,--allow-undefined -o m.wasm m.c
- * The contract is documented in docs/ABI.md; src/ism/formats/abi.py is the source of truth.
+ * Build (freestanding C, no libc; examples/build.py does exactly this):
+ *   clang --target=wasm32 -std=c11 -O2 -ffreestanding -nostdlib -Wall -Wextra -Werror -pedantic -c m.c -o m.o
+ *   wasm-ld --no-entry -z stack-size=16384 m.o -o m.wasm
+ * Mark the exports the supervisor calls with ISM_EXPORT; wasm-ld exports the memory. Do not link with
+ * --allow-undefined: a call into a libc that is not there must fail the link, not become an import
+ * the device refuses. The contract is documented in docs/ABI.md; src/ism/formats/abi.py is the
+ * source of truth.
  */
 #ifndef ISM_H
 #define ISM_H
@@ -37,6 +41,7 @@
 #define ISM_GATEWAY_MAX  4096
 
 #define ISM_IMPORT(name) __attribute__((import_module("ism"), import_name(name)))
+#define ISM_EXPORT(name) __attribute__((export_name(name)))
 
 ISM_IMPORT("log") void ism_log(int32_t level, const void *ptr, int32_t len);
 ISM_IMPORT("resource_open") int32_t ism_resource_open(const char *name, int32_t name_len, int32_t mode);
@@ -72,7 +77,7 @@ ISM_IMPORT("identity_cert") int32_t ism_identity_cert(int32_t handle, void *out,
 ISM_IMPORT("trust_bundle") int32_t ism_trust_bundle(void *out, int32_t out_cap);
 ISM_IMPORT("attest") int32_t ism_attest(const void *nonce, int32_t nonce_len, void *out, int32_t out_cap);
 
-/* Exports the supervisor calls (define the ones you need):
+/* Exports the supervisor calls (define the ones you need), e.g. ISM_EXPORT("init") int32_t init(void):
  *   int32_t init(void);
  *   int32_t tick(void);
  *   int32_t event(int32_t handle);

@@ -5,7 +5,7 @@
 #   scripts/bootstrap.sh VENV          what running iSM needs (make demo)
 #   scripts/bootstrap.sh VENV test     also what the test suite needs: SoftHSM2 and swtpm (real PKCS#11
 #                                      and TPM 2.0 devices), the TSS headers tpm2-pytss builds against,
-#                                      and the development tools (make test)
+#                                      clang and lld for the C example, and the development tools (make test)
 set -euo pipefail
 venv=${1:-.venv}
 mode=${2:-runtime}
@@ -25,6 +25,10 @@ if [[ $mode == test ]]; then
     pkg-config --exists tss2-esys >/dev/null 2>&1 || need_apt+=(libtss2-dev)
     command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
     command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+    # clang + lld (wasm-ld): the C example microservice (examples/sealed-counter) is built for wasm32
+    # and include/ism.h is compiled by the tests; make demo does not need them.
+    command -v clang >/dev/null 2>&1 || need_apt+=(clang)
+    command -v wasm-ld >/dev/null 2>&1 || need_apt+=(lld)
     has_headers='import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
     if command -v "$python" >/dev/null 2>&1 && ! "$python" -c "$has_headers" >/dev/null 2>&1; then
         need_apt+=(python3-dev)

@@ -79,7 +79,12 @@ def _header_functions() -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]
 
 
 def _header_defines() -> dict[str, str]:
-    return dict(re.findall(r"^#define\s+(\w+)(?:\(\w+\))?[ \t]*(.*)$", HEADER, flags=re.MULTILINE))
+    """Object-like macros (name -> value); function-like ones are :func:`_header_macros`."""
+    return dict(re.findall(r"^#define\s+(\w+)(?![(\w])[ \t]*(.*)$", HEADER, flags=re.MULTILINE))
+
+
+def _header_macros() -> set[str]:
+    return set(re.findall(r"^#define\s+(\w+)\(", HEADER, flags=re.MULTILINE))
 
 
 def _c_int(value: str) -> int:
@@ -89,6 +94,10 @@ def _c_int(value: str) -> int:
 def test_the_abi_table_imports_only_from_module_ism() -> None:
     assert {module for module, _ in HOST_ABI} == {MODULE}
     assert MODULE == "ism"
+    # the header's import macro names the same module (tests/e2e/test_c_example.py compiles it)
+    macro = re.search(r"^#define ISM_IMPORT\(name\) (.*)$", HEADER, flags=re.MULTILINE)
+    assert macro is not None
+    assert macro.group(1) == f'__attribute__((import_module("{MODULE}"), import_name(name)))'
 
 
 @pytest.mark.parametrize("name", sorted(ABI))
@@ -151,8 +160,9 @@ def test_header_constants_match_the_library() -> None:
         **ERRORS,
     }
     assert {k: _c_int(v) for k, v in defines.items() if k in expected} == expected
-    # nothing else is defined but the include guard and the import macro
-    assert set(defines) - set(expected) == {"ISM_H", "ISM_IMPORT"}
+    # nothing else is defined but the include guard, and the import and export attribute macros
+    assert set(defines) - set(expected) == {"ISM_H"}
+    assert _header_macros() == {"ISM_IMPORT", "ISM_EXPORT"}
 
 
 def test_docs_state_the_same_limits() -> None:
