@@ -171,14 +171,22 @@ def _ok(*argv: str | Path) -> None:
     assert main([str(a) for a in argv]) == 0, f"ism {' '.join(map(str, argv))} failed"
 
 
-def provision(tmp_path: Path, *init_options: str) -> Path:
+def provision(tmp_path: Path, *init_options: str, lock: bool = False) -> Path:
     """The fingerprint token through the CLI: developer key, device (``init_options`` choose its key
-    store), trust anchor, board + policy, the four microservices built, signed and installed."""
+    store), trust anchor, board + policy, the four microservices built, signed and installed.
+
+    With ``lock``, the factory flow of a product: the vendor's key (``tmp_path/vendor.pem``) is trusted
+    for device commands and the device is locked (``secured``) once configured; from then on its trust
+    anchors change only through signed provisioning bundles."""
     dev, key = tmp_path / "device", tmp_path / "dev.pem"
     _ok("keygen", "--out", key)
     _ok("device", "init", dev, *init_options)
     _ok("device", "trust", dev, "--add", tmp_path / "dev.pub.pem")
     _ok("device", "configure", dev, "--board", TOKEN / "board.toml", "--policy", TOKEN / "policy.toml")
+    if lock:
+        _ok("keygen", "--out", tmp_path / "vendor.pem")
+        _ok("device", "trust", dev, "--add", tmp_path / "vendor.pub.pem", "--role", "vendor")
+        _ok("device", "lock", dev)
     for name in TOKEN_NAMES:
         wasm, suit_path = tmp_path / f"{name}.wasm", tmp_path / f"{name}.suit"
         wasm.write_bytes(bytes(wasmtime.wat2wasm((TOKEN / name / f"{name}.wat").read_text())))
@@ -200,5 +208,5 @@ def provision(tmp_path: Path, *init_options: str) -> Path:
 
 @pytest.fixture
 def provision_token() -> Callable[..., Path]:
-    """``provision_token(tmp_path, *init_options)``: see :func:`provision`."""
+    """``provision_token(tmp_path, *init_options, lock=False)``: see :func:`provision`."""
     return provision

@@ -70,6 +70,7 @@ def attestation_service(
         device.keystore(),
         device.instance_id,
         _attested(report, policy),
+        lifecycle=device.lifecycle_state,
         states=lambda ms_uuid: states(ms_uuid) or "active",
     )
 

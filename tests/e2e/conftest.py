@@ -10,5 +10,6 @@ import pytest
 
 @pytest.fixture
 def token_device(tmp_path: Path, provision_token: Callable[..., Path]) -> Path:
-    """The fingerprint token: keys, device, trust anchor, board + policy, four signed packages installed."""
-    return provision_token(tmp_path)
+    """The fingerprint token: keys, device, trust anchors (developer, vendor), board + policy, locked
+    (``secured``), four signed packages installed."""
+    return provision_token(tmp_path, lock=True)

@@ -62,10 +62,17 @@ def policy_version(version: int, *, led: bool = True, analytics: bool = True) ->
 
 @pytest.fixture
 def vendor(token_device: Path, tmp_path: Path) -> dict[str, Path]:
-    """The vendor's policy key, trusted by the device as a policy signer, and the device's info."""
+    """The vendor's policy key, trusted by the device as a policy signer, and the device's info.
+
+    The device is locked (secured): the policy signer anchor comes in a provisioning bundle signed
+    by the vendor's device-command key.
+    """
     key = tmp_path / "vendor-policy.pem"
     ism_ok("keygen", "--out", key)
-    ism_ok("device", "trust", token_device, "--add", tmp_path / "vendor-policy.pub.pem", "--role", "policy")
+    bundle = tmp_path / "policy-signer.bundle"
+    ism_ok("provision", "bundle", "--sign", tmp_path / "vendor.pem", "--device", token_device,
+           "--add", f"policy:{tmp_path / 'vendor-policy.pub.pem'}", "--out", bundle)  # fmt: skip
+    ism_ok("device", "provision", token_device, bundle)
     info = tmp_path / "device-info.json"
     info.write_text(ism_ok("device", "info", token_device, "--json"))
     ism_ok("device", "policy-key", token_device, "--out", tmp_path / "device-policy.pub.pem")

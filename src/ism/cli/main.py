@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 
 from ism.cli._io import MAX_INPUT, read_file, write_file
 from ism.cli.attest import add_attest_commands, format_summary
+from ism.cli.lifecycle import add_lifecycle_commands, format_log
+from ism.cli.provision import add_provision_commands
 from ism.crypto import cose
 from ism.crypto import suit as suit_auth
 from ism.crypto.keys import (
@@ -241,8 +243,9 @@ def cmd_device_init(args: argparse.Namespace) -> None:
 def cmd_device_info(args: argparse.Namespace) -> None:
     with Device(args.dir) as dev:
         info = dev.info()
-    lines = [f"{k:14} {v}" for k, v in info.items() if k != "policy_key"]
-    _emit(args, info, "\n".join([*lines, "policy_key", info["policy_key"].rstrip()]))
+    lines = [f"{k:14} {v}" for k, v in info.items() if k not in ("policy_key", "lifecycle_log")]
+    lines += ["lifecycle_log", *format_log(info["lifecycle_log"])]
+    _emit(args, info, "\n".join([*lines, "policy_key", (info["policy_key"] or "(destroyed)").rstrip()]))
 
 
 def cmd_device_trust(args: argparse.Namespace) -> None:
@@ -630,7 +633,7 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("--pkcs11-token", help="token label")
     di.add_argument("--pkcs11-pin-file", type=Path, help="file holding the user PIN")
     di.add_argument("--tpm-tcti", help="TPM 2.0 TCTI, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321")
-    add(dev, "info", cmd_device_info, "show instance ID, trust anchors, counters, packages").add_argument(
+    add(dev, "info", cmd_device_info, "show instance ID, trust anchors, counters, packages, lifecycle").add_argument(
         "dir", type=Path
     )
     bt = add(dev, "boot", cmd_device_boot, "secure boot: verify every microservice and print the boot report")
@@ -640,14 +643,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-verify every package in full, even those unchanged since their last full verification",
     )
-    t = add(dev, "trust", cmd_device_trust, "add a trust anchor for microservice signers (or policy signers)")
+    t = add(
+        dev,
+        "trust",
+        cmd_device_trust,
+        "factory step (before 'ism device lock'): add a trust anchor for microservice signers (or another role)",
+    )
     t.add_argument("dir", type=Path)
     t.add_argument("--add", type=Path, action="append", required=True)
     t.add_argument(
         "--role",
         choices=ANCHOR_ROLES,
         default="microservice",
-        help="what the anchor vouches for: microservice packages (default) or the access policy",
+        help="what the anchor vouches for: microservice packages (default), the access policy, the vendor's "
+        "device commands, the store's bans",
     )
     ins = add(dev, "install", cmd_device_install, "verify and stage a package on a device")
     ins.add_argument("dir", type=Path)
@@ -690,6 +699,8 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--nonce", required=True, help="the verifier's nonce (hex, 32, 48 or 64 bytes)")
     att.add_argument("--out", type=Path, required=True, help="where to write the token (COSE_Sign1)")
     add_attest_commands(sub, add)
+    add_lifecycle_commands(dev, add)
+    add_provision_commands(sub, add)
 
     pol = sub.add_parser("policy", help="the protected access policy").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"

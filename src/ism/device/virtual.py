@@ -35,6 +35,9 @@ Layout::
     DIR/config/policy.cose          the protected policy artifact (``install_policy``), encrypted to the device
     DIR/state/rollback.cose         COSE_Mac0 over the anti-rollback counters
     DIR/state/sealed.cose           COSE_Mac0 over sealed boot records (validate-once, see trust.boot.Sealed)
+    DIR/state/lifecycle.cose        COSE_Mac0 over the device's hash-chained security lifecycle log
+                                    (ism.device.lifecycle; its last sequence is the ``lifecycle`` counter)
+    DIR/state/decommission.cose     the final statement of a decommissioned device (signed by its IAK)
     DIR/packages/<uuid>.suit        installed packages
     DIR/packages/<uuid>.downgrade.cose  downgrade authorisation, if one was used
 """
@@ -67,6 +70,7 @@ from ism.crypto.keystore import KeyStore
 from ism.crypto.keystore.software import SoftwareKeyStore
 from ism.crypto.policy_seal import open_sealed
 from ism.device._atomic import Faults, atomic_remove, atomic_write, read_capped, recover
+from ism.device.lifecycle import log_json, open_log
 from ism.device.outbox import Outbox
 from ism.device.trust.boot import Accepted, Sealed, check_package, check_sealed, seal
 from ism.errors import (
@@ -80,6 +84,7 @@ from ism.errors import (
 )
 from ism.formats import cbor, suit, wasm
 from ism.formats.board import Board, parse_board
+from ism.formats.lifecycle import require as require_state
 from ism.formats.package import claimed_identity, read_package
 from ism.formats.policy import Policy, check_module, parse_policy
 from ism.formats.policy_artifact import MAX_TEXT, PolicyPayload, decode_payload
@@ -249,6 +254,12 @@ class Device:
         self._protected_cache: tuple[bytes, PolicyPayload, Board, Policy] | None = None
         if self._artifact_path.is_file():
             self._drop_cleartext_config()  # an install_policy cut short before it removed them
+        self._lifecycle_state = "assembly-and-test"
+        self._lifecycle_error: StateCorruptError | None = None
+        try:
+            self._lifecycle_state = open_log(self)  # finishes a lifecycle transition a power cut interrupted
+        except StateCorruptError as exc:
+            self._lifecycle_error = exc  # the state is unknown: every lifecycle-checked operation refuses
 
     # -- creation ---------------------------------------------------------------------------------
 
@@ -317,13 +328,39 @@ class Device:
 
         Raises:
             UsageError: ``device.anchor-role`` for an unknown role.
+            TrustError: ``lifecycle.locked`` once the device is locked (``ism device lock``): from then on
+                anchors change only through signed provisioning bundles (:func:`ism.device.lifecycle.provision`).
         """
-        key = read_public_pem(pem, "trust anchor")
+        self._require("add a trust anchor", factory=True)
+        return self._put_anchor(read_public_pem(pem, "trust anchor"), role)
+
+    def _put_anchor(self, key: PublicKey, role: str) -> bytes:
+        """Writes a trust anchor (no lifecycle check: the factory, or a provisioning bundle); idempotent."""
         sid = signer_id(key)
         directory = self._anchor_dir(role)
         directory.mkdir(exist_ok=True)
-        atomic_write(directory / f"{sid.hex()}.pem", public_pem(key), self.faults)
+        path, pem = directory / f"{sid.hex()}.pem", public_pem(key)
+        with contextlib.suppress(OSError):
+            if read_capped(path, 16 * 1024) == pem:
+                return sid
+        atomic_write(path, pem, self.faults)
         return sid
+
+    def _require(self, action: str, factory: bool = False) -> None:
+        """Refuses ``action`` in the current lifecycle state (``lifecycle.decommissioned``, ``lifecycle.locked``)."""
+        require_state(self.lifecycle_state, action, factory=factory)
+
+    @property
+    def lifecycle_state(self) -> str:
+        """The device's PSA security lifecycle state: the last entry of its lifecycle log.
+
+        Raises:
+            StateCorruptError: ``state.*`` if the log (or the counters it is checked against) failed its
+                checks when the device was opened.
+        """
+        if self._lifecycle_error is not None:
+            raise self._lifecycle_error
+        return self._lifecycle_state
 
     def _anchor_dir(self, role: str) -> Path:
         if role not in ANCHOR_ROLES:
@@ -331,7 +368,15 @@ class Device:
         return self.root / "trust" if role == "microservice" else self.root / "trust" / role
 
     def remove_anchor(self, sid: bytes, role: str) -> bool:
-        """Removes the ``role`` trust anchor with signer ID ``sid``; False if there was none."""
+        """Removes the ``role`` trust anchor with signer ID ``sid``; False if there was none.
+
+        Raises:
+            TrustError: ``lifecycle.locked`` once the device is locked (as :meth:`add_anchor`).
+        """
+        self._require("remove a trust anchor", factory=True)
+        return self._drop_anchor(sid, role)
+
+    def _drop_anchor(self, sid: bytes, role: str) -> bool:
         path = self._anchor_dir(role) / f"{sid.hex()}.pem"
         if not path.is_file():
             return False
@@ -374,7 +419,7 @@ class Device:
         """The TPM NV counter that is the counters' freshness root, on TPM-backed devices."""
         if self._config.get("keystore") != "tpm":
             return None
-        return self.keystore().counter(int(self._config["tpm"]["nv_index"]))  # type: ignore[attr-defined]
+        return self._open_keystore().counter(int(self._config["tpm"]["nv_index"]))  # type: ignore[attr-defined]
 
     def _check_fresh(self, data: bytes) -> None:
         """On a TPM-backed device, the counters file must carry the TPM counter's current value.
@@ -420,6 +465,7 @@ class Device:
         Nothing is written unless every check passes. The anti-rollback counter
         is not advanced here: it moves when boot accepts the package.
         """
+        self._require("install a package")
         if len(data) > MAX_PACKAGE_SIZE:
             raise FormatError(
                 "package.size",
@@ -471,8 +517,10 @@ class Device:
 
         Raises:
             TrustError: ``policy.protected`` once the device has a policy signer or a
-                protected policy: from then on only :meth:`install_policy` changes it.
+                protected policy: from then on only :meth:`install_policy` changes it;
+                ``lifecycle.locked`` once the device is locked (a cleartext policy is a factory step).
         """
+        self._require("take a cleartext configuration", factory=True)
         if self.protected():
             raise TrustError(
                 "policy.protected",
@@ -501,12 +549,14 @@ class Device:
 
     def board(self) -> Board:
         """The board file: from the protected policy artifact when there is one, else from config/board.toml."""
+        self._require("read its board")
         if self._artifact_path.is_file():
             return self._protected()[1]
         return parse_board(self._cleartext("board.toml"), "board.toml")
 
     def policy(self) -> Policy:
         """The access policy: decrypted from the protected artifact when there is one, else config/policy.toml."""
+        self._require("read its policy")
         if self._artifact_path.is_file():
             return self._protected()[2]
         return parse_policy(self._cleartext("policy.toml"), self.board(), "policy.toml")
@@ -612,7 +662,9 @@ class Device:
             TrustError: ``policy.recipient``, ``policy.device``.
             RollbackError: ``policy.rollback`` (older than, or the same version as, the current policy).
             FormatError: ``policy.artifact*``, ``board.*``, ``policy.*``.
+            TrustError: ``lifecycle.decommissioned``.
         """
+        self._require("install a policy")
         payload, _, policy = self._open_policy(data)
         if self._artifact_path.is_file():
             with contextlib.suppress(IsmError):
@@ -657,7 +709,16 @@ class Device:
     # -- the key store (HSM platform abstraction) ------------------------------------------------
 
     def keystore(self) -> KeyStore:
-        """The device's key store, as configured in device.json (``software`` unless set otherwise)."""
+        """The device's key store, as configured in device.json (``software`` unless set otherwise).
+
+        Raises:
+            TrustError: ``lifecycle.decommissioned``: a decommissioned device's keys are gone.
+        """
+        self._require("use a key")
+        return self._open_keystore()
+
+    def _open_keystore(self) -> KeyStore:
+        """The key store without the lifecycle check (the TPM's NV counter; erasing keys)."""
         if self._keystore is None:
             cfg = self._config.get("keystore", "software")
             if cfg == "software":
@@ -708,7 +769,11 @@ class Device:
         Args:
             full: re-parse and re-verify every package even when its sealed boot
                 record shows it unchanged since a full verification.
+
+        Raises:
+            TrustError: ``lifecycle.decommissioned``: nothing boots on a decommissioned device.
         """
+        self._require("boot")
         anchors = anchor_map(self.anchors())
         counters = self.counters()
         before = dict(counters)
@@ -797,9 +862,13 @@ class Device:
             "keystore": self._config.get("keystore", "software"),
             "trust_anchors": [signer_id(k).hex() for k in self.anchors()],
             "policy_signers": [signer_id(k).hex() for k in self.anchors("policy")],
-            "policy_key": pem_from_der(self.policy_public_key()).decode(),
+            "policy_key": None
+            if self.lifecycle_state == "decommissioned"
+            else pem_from_der(self.policy_public_key()).decode(),
             "counters": self.counters(),
             "installed": self.installed(),
+            "lifecycle": self.lifecycle_state,
+            "lifecycle_log": log_json(self),
         }
 
 

@@ -498,6 +498,12 @@ class SecureStorage:
             erasing=ob,
         )
 
+    def namespace_keys(self) -> list[str]:
+        """The key-store ids of every namespace key the storage may hold: namespaces with records, or with
+        an erase nonce (a key was derived for them). A factory reset destroys them all."""
+        owners = set(self._index) | set(self._committed.nonces)
+        return sorted(_key_id(uuid.UUID(bytes=ob)) for ob in owners)
+
     def close(self) -> None:
         """Closes the database; nothing is written."""
         if self._db is not None:

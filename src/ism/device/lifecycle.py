@@ -1,0 +1,425 @@
+"""The device's security lifecycle on disk: the tamper-evident log, transitions and provisioning bundles.
+
+Owns: ``DIR/state/lifecycle.cose`` — the hash-chained lifecycle log
+(:mod:`ism.formats.lifecycle`) in a COSE_Mac0 under the device state key —
+its ``lifecycle`` anti-rollback counter (the last entry's sequence), the
+current state (the last entry's ``to``), carrying out a transition
+crash-safely (:func:`prepare` + :func:`perform`: intent, effects, commit),
+finishing one a power cut interrupted (:func:`open_log`, called whenever a
+:class:`~ism.device.virtual.Device` is opened), the factory lock
+(:func:`lock`), signed provisioning bundles (:func:`provision`) and signed
+debug-state changes (:func:`apply_lifecycle_command`). What a factory reset
+or a decommissioning erases is planned above this layer (:mod:`ism.maintenance`:
+it needs the services); the plan is data, so carrying it out is this module's.
+Must not import: hypervisor, services, runtime, cli.
+
+Crash safety. A transition with effects (a bundle's anchor changes, the keys
+and files a reset or a decommissioning erases) first writes its *intent* —
+the entry it will append, the signed command, the plan, the signed
+statement — into the log (one atomic write), then performs each effect
+idempotently (an anchor written or removed, a key destroyed if it exists, a
+file removed if present), then *commits*: the log with the entry appended
+and no intent (one atomic write), then the ``lifecycle`` counter and the
+command's counter. A power cut before the intent leaves the old state (the
+command was not consumed: it can be sent again); after it, the next open
+finishes the effects and commits; after the commit, the next open moves
+the counters that had not moved yet. The state is therefore always the old
+one or the new one, never a mixture.
+
+Threat: an offline attacker editing the log to change the device's state
+(the MAC and the hash chain: ``state.lifecycle``), putting back an older
+copy or deleting it to undo a lock, a debug state or a decommissioning
+(the ``lifecycle`` counter: ``state.lifecycle-rollback``; on TPM devices
+the counters file itself is bound to a TPM NV counter), unauthorised or
+replayed provisioning (:func:`~ism.device.commands.authorise`: vendor
+anchors only, bound to the instance ID, sequence above the counter), a
+bundle that locks the vendor out (``provision.no-vendor``), and trust
+anchors changed outside the factory (``lifecycle.locked``, checked by the
+device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from ism.crypto import cose
+from ism.crypto.keys import PublicKey, pem_from_der, read_public_pem, signer_id
+from ism.device._atomic import TMP_SUFFIX, atomic_remove, atomic_write, read_capped
+from ism.device.commands import authorise, counter_name
+from ism.errors import FormatError, IsmError, StateCorruptError, TrustError
+from ism.formats.command import Command, decode_command
+from ism.formats.lifecycle import Entry, Intent, LogBody, check_chain, check_transition, decode_log, encode_log, genesis
+from ism.formats.lifecycle import require as require_state
+
+if TYPE_CHECKING:
+    from ism.device.virtual import Device
+
+__all__ = [
+    "COUNTER",
+    "LOG_FILE",
+    "STATEMENT_FILE",
+    "Provisioned",
+    "apply_lifecycle_command",
+    "command_digest",
+    "lock",
+    "open_log",
+    "perform",
+    "prepare",
+    "provision",
+    "read_log",
+    "stored_key_ids",
+]
+
+#: the lifecycle log, under DIR
+LOG_FILE: Final = Path("state") / "lifecycle.cose"
+#: the decommission statement, under DIR (kept after decommissioning)
+STATEMENT_FILE: Final = Path("state") / "decommission.cose"
+#: the anti-rollback counter that holds the log's last sequence
+COUNTER: Final = "lifecycle"
+MAX_LOG_SIZE: Final = 16 * 1024 * 1024
+#: events with effects: they record an intent before their first effect
+_WITH_EFFECTS: Final = frozenset({"provision", "factory-reset", "decommission"})
+_ROLES: Final = ("microservice", "policy", "vendor", "store")  # = ism.device.virtual.ANCHOR_ROLES
+
+
+def command_digest(data: bytes) -> bytes:
+    """What a log entry and a statement name a command by: SHA-256 of the signed command."""
+    return hashlib.sha256(data).digest()
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+# -- the log on disk --------------------------------------------------------------------------------
+
+
+def _write(device: Device, body: LogBody) -> None:
+    path = device.root / LOG_FILE
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, cose.mac0(encode_log(body), device.state_mac_key), device.faults)
+
+
+def _read_stored(device: Device) -> LogBody | None:
+    """The stored log, its MAC, encoding and chain verified; None if there is none."""
+    path = device.root / LOG_FILE
+    try:
+        data = read_capped(path, MAX_LOG_SIZE)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateCorruptError("state.lifecycle", f"the lifecycle log is unreadable: {exc.strerror}") from exc
+    if len(data) > MAX_LOG_SIZE:
+        raise StateCorruptError("state.lifecycle", "the lifecycle log is too large")
+    try:
+        msg = cose.parse(data, expect="mac0")
+        cose.verify_mac0(msg, device.state_mac_key)
+    except IsmError as exc:
+        raise StateCorruptError("state.lifecycle", "the lifecycle log fails its integrity check") from exc
+    body = decode_log(msg.payload or b"")
+    check_chain(body.entries, device.instance_id)
+    intent = body.pending
+    if intent is not None:
+        entry = intent.entry
+        follows = entry.sequence == body.entries[-1].sequence + 1 and entry.prev == body.head
+        if not follows or entry.event not in _WITH_EFFECTS:
+            raise StateCorruptError("state.lifecycle", "the pending transition does not follow the log")
+        try:
+            check_transition(entry.from_state, entry.to_state, entry.event)
+        except (TrustError, FormatError) as exc:
+            raise StateCorruptError("state.lifecycle", f"the pending transition is illegal: {exc.message}") from exc
+        if entry.from_state != body.state:
+            raise StateCorruptError("state.lifecycle", "the pending transition does not start in the current state")
+    return body
+
+
+def read_log(device: Device) -> LogBody:
+    """The device's lifecycle log, verified: MAC, chain, legal transitions and its anti-rollback counter.
+
+    A device without a log and without a ``lifecycle`` counter — made by an iSM
+    before the log existed, or whose ``init`` was cut short — gets its first
+    entry now (assembly-and-test -> psa-rot-provisioning). A log one entry
+    ahead of the counter is a commit the power cut short: the counter (and
+    the command counter of that entry) moves forward.
+
+    Raises:
+        StateCorruptError: ``state.lifecycle`` (tampered, malformed, chain broken, illegal
+            transition), ``state.lifecycle-rollback`` (missing, truncated or an older copy).
+    """
+    counters = device.counters()
+    body = _read_stored(device)
+    counter = counters.get(COUNTER, 0)
+    if body is None:
+        if counter:
+            raise StateCorruptError(
+                "state.lifecycle-rollback",
+                "the lifecycle log is missing, but the device's lifecycle counter says it had one",
+                expected=counter,
+            )
+        first = Entry(
+            0,
+            "init",
+            "assembly-and-test",
+            "psa-rot-provisioning",
+            "device initialised: keys generated",
+            _now(),
+            genesis(device.instance_id),
+        )
+        body = LogBody((first,))
+        _write(device, body)
+        return body
+    last = body.entries[-1]
+    if not counter <= last.sequence <= counter + 1:
+        raise StateCorruptError(
+            "state.lifecycle-rollback",
+            "the lifecycle log does not match its anti-rollback counter (truncated, or an older copy)",
+            got=last.sequence,
+            expected=counter,
+        )
+    if last.sequence == counter + 1:
+        device.advance_counter(COUNTER, last.sequence)
+    if last.command_sequence is not None:
+        name = counter_name(last.event)
+        if counters.get(name, 0) < last.command_sequence:
+            device.advance_counter(name, last.command_sequence)
+    return body
+
+
+def open_log(device: Device) -> str:
+    """Reads the log when a device is opened and finishes a transition a power cut interrupted.
+
+    Returns:
+        The current lifecycle state.
+    """
+    body = read_log(device)
+    if body.pending is not None:
+        _effects(device, body.pending)
+        _commit(device, body, body.pending.entry)
+        return body.pending.entry.to_state
+    return body.state
+
+
+def log_json(device: Device) -> list[dict[str, Any]]:
+    """The verified log, one JSON object per entry (``ism device info``, ``ism device lifecycle --log``)."""
+    return [e.to_json() for e in read_log(device).entries]
+
+
+# -- transitions ------------------------------------------------------------------------------------
+
+
+def prepare(
+    device: Device, event: str, to: str, reason: str, command: Command | None = None, data: bytes | None = None
+) -> tuple[LogBody, Entry]:
+    """Checks the transition from the current state and makes the entry it will append (nothing is written).
+
+    Raises:
+        TrustError: ``lifecycle.transition``, ``lifecycle.decommissioned``.
+        FormatError: ``lifecycle.state``.
+    """
+    body = read_log(device)
+    if body.pending is not None:  # an open device has none; another process may have been cut short
+        open_log(device)
+        body = read_log(device)
+    check_transition(body.state, to, event)
+    entry = Entry(
+        body.entries[-1].sequence + 1,
+        event,
+        body.state,
+        to,
+        reason[:256],
+        _now(),
+        body.head,
+        command_digest(data) if data is not None else None,
+        command.sequence if command is not None else None,
+    )
+    return body, entry
+
+
+def perform(
+    device: Device,
+    body: LogBody,
+    entry: Entry,
+    *,
+    command: bytes | None = None,
+    keys: tuple[str, ...] = (),
+    files: tuple[str, ...] = (),
+    statement: bytes | None = None,
+) -> None:
+    """Carries out a prepared transition: intent (if it has effects), effects, commit."""
+    if entry.event in _WITH_EFFECTS:
+        intent = Intent(entry, command, keys, files, statement)
+        _write(device, LogBody(body.entries, intent))
+        _effects(device, intent)
+    _commit(device, body, entry)
+
+
+def _effects(device: Device, intent: Intent) -> None:
+    """Every effect of a transition, each idempotent (so a cut one can simply run again)."""
+    if intent.entry.event == "provision" and intent.command is not None:
+        _apply_anchors(device, _decode_signed(intent.command))
+    if intent.statement is not None:
+        atomic_write(device.root / STATEMENT_FILE, intent.statement, device.faults)
+    if intent.keys:
+        keystore = device._open_keystore()
+        for key_id in intent.keys:
+            if keystore.exists(key_id):
+                keystore.destroy(key_id)
+    root = device.root.resolve()
+    for name in intent.files:
+        path = (device.root / name).resolve()
+        if path.parent.is_relative_to(root) and not path.is_dir():
+            atomic_remove(path, device.faults)
+    if intent.keys or intent.files:
+        device.close()  # the key store is opened afresh: the software store's root key may be gone
+
+
+def _commit(device: Device, body: LogBody, entry: Entry) -> None:
+    _write(device, LogBody((*body.entries, entry)))
+    device.advance_counter(COUNTER, entry.sequence)
+    if entry.command_sequence is not None:
+        device.advance_counter(counter_name(entry.event), entry.command_sequence)
+    device._lifecycle_state, device._lifecycle_error = entry.to_state, None
+
+
+def _decode_signed(data: bytes) -> Command:
+    """The command inside a signed command this device already authorised (its intent is MAC'd)."""
+    msg = cose.parse(data, expect="sign1")
+    return decode_command(msg.payload or b"")
+
+
+# -- the factory lock, provisioning bundles, signed debug states ----------------------------------
+
+
+def lock(device: Device) -> Entry:
+    """The factory's last step: psa-rot-provisioning -> secured. No command is needed; it is done once.
+
+    Raises:
+        TrustError: ``lifecycle.transition`` (not in psa-rot-provisioning),
+            ``provision.no-vendor`` (no vendor anchor: nobody could ever command the device).
+    """
+    require_state(device.lifecycle_state, "be locked")
+    if not device.anchors("vendor"):
+        raise TrustError(
+            "provision.no-vendor",
+            "the device has no vendor anchor: once locked, nobody could provision, reset or decommission it "
+            "('ism device trust DIR --add VENDOR.pub.pem --role vendor' first)",
+        )
+    body, entry = prepare(device, "lock", "secured", "factory lock: trust anchors change only by signed bundles")
+    perform(device, body, entry)
+    return entry
+
+
+@dataclass(frozen=True, slots=True)
+class Provisioned:
+    """What a provisioning bundle did."""
+
+    command: Command
+    entry: Entry
+    added: tuple[tuple[str, str], ...]
+    removed: tuple[tuple[str, str], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sequence": self.command.sequence,
+            "added": [{"role": r, "signer_id": s} for r, s in self.added],
+            "removed": [{"role": r, "signer_id": s} for r, s in self.removed],
+            "lifecycle": self.entry.to_json(),
+        }
+
+
+def _bundle_keys(command: Command) -> list[tuple[str, str, PublicKey | None, bytes]]:
+    """(op, role, key, signer ID) per change, every role and key checked before anything is written."""
+    out: list[tuple[str, str, PublicKey | None, bytes]] = []
+    for change in command.anchors:
+        if change.role not in _ROLES:
+            raise FormatError("provision.role", f"an anchor's role is one of {list(_ROLES)}", got=change.role)
+        if change.op == "add":
+            assert change.key is not None
+            try:
+                key = read_public_pem(pem_from_der(change.key), "bundle anchor")
+            except FormatError as exc:
+                raise FormatError("provision.key", f"an anchor to add is no usable public key: {exc.message}") from exc
+            out.append(("add", change.role, key, signer_id(key)))
+        else:
+            assert change.id is not None
+            out.append(("remove", change.role, None, change.id))
+    return out
+
+
+def _apply_anchors(device: Device, command: Command) -> None:
+    for op, role, key, sid in _bundle_keys(command):
+        if op == "add":
+            assert key is not None
+            device._put_anchor(key, role)
+        else:
+            device._drop_anchor(sid, role)
+
+
+def provision(device: Device, data: bytes) -> Provisioned:
+    """Applies a signed provisioning bundle: anchor changes, a log entry, the command consumed.
+
+    The bundle is checked whole before anything is written: authorisation
+    (a vendor anchor's signature, this device, a fresh sequence), every role
+    and key, and that a vendor anchor remains. Adding an anchor that is
+    there, or removing one that is not, changes nothing (so a bundle cut
+    short can be applied again). Rotating the vendor key is one bundle:
+    add the new vendor anchor, remove the old one.
+
+    Raises:
+        FormatError: ``command.format``, ``provision.role``, ``provision.key``.
+        UntrustedSignerError, SignatureError, TrustError, RollbackError: see
+            :func:`~ism.device.commands.authorise`.
+        TrustError: ``provision.no-vendor``, ``lifecycle.decommissioned``.
+    """
+    require_state(device.lifecycle_state, "be provisioned")
+    command = authorise(device, data, "provision")
+    changes = _bundle_keys(command)
+    vendors = {signer_id(k) for k in device.anchors("vendor")}
+    added: list[tuple[str, str]] = []
+    removed: list[tuple[str, str]] = []
+    for op, role, _, sid in changes:
+        if role == "vendor":
+            (vendors.add if op == "add" else vendors.discard)(sid)
+        (added if op == "add" else removed).append((role, sid.hex()))
+    if not vendors:
+        raise TrustError(
+            "provision.no-vendor", "the bundle would leave the device without a vendor anchor: nobody could command it"
+        )
+    summary = " ".join([*(f"+{r}:{s[:16]}" for r, s in added), *(f"-{r}:{s[:16]}" for r, s in removed)])
+    body, entry = prepare(device, "provision", device.lifecycle_state, f"provisioning bundle: {summary}", command, data)
+    perform(device, body, entry, command=data)
+    return Provisioned(command, entry, tuple(added), tuple(removed))
+
+
+def apply_lifecycle_command(device: Device, data: bytes) -> Entry:
+    """A signed ``lifecycle`` command: secured <-> non-psa-rot-debug, secured -> recoverable-psa-rot-debug,
+    recoverable-psa-rot-debug -> psa-rot-provisioning (re-provisioning), psa-rot-provisioning -> secured.
+
+    Raises:
+        TrustError: ``lifecycle.transition`` (not legal from the current state, or decommissioning,
+            which has its own command), ``lifecycle.decommissioned``; the refusals of
+            :func:`~ism.device.commands.authorise`.
+        FormatError: ``lifecycle.state`` (no such state).
+    """
+    require_state(device.lifecycle_state, "change its lifecycle state")
+    command = authorise(device, data, "lifecycle")
+    to = str(command.args["state"])
+    body, entry = prepare(device, "lifecycle", to, f"signed lifecycle command: {to}", command, data)
+    perform(device, body, entry, command=data)
+    return entry
+
+
+def stored_key_ids(device: Device, *prefixes: str) -> list[str]:
+    """Key ids with one of ``prefixes`` that the software key store holds (empty for other backends).
+
+    Token and TPM key stores cannot be listed; their keys are named by the policy and the storage.
+    """
+    if device._config.get("keystore", "software") != "software":
+        return []
+    store = device.root / "keys" / "store"
+    names = (p.name.removesuffix(".key") for p in store.glob("*.key") if not p.name.endswith(TMP_SUFFIX))
+    return sorted(n for n in names if n.startswith(prefixes))
