@@ -15,6 +15,7 @@ all at once: no activation runs under half of it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import uuid as uuidlib
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ism.boards.virtual import Peripheral, make_peripherals
+from ism.device.microservices import MicroserviceStates, attested_state, crash_loop_recorder
 from ism.device.outbox import Outbox
 from ism.device.virtual import Booted, BootReport, Device
 from ism.errors import IsmError, UsageError
 from ism.formats import wasm
 from ism.formats.board import Board
 from ism.formats.policy import MicroservicePolicy, Policy, check_module, policy_digest
-from ism.hypervisor.supervisor import Image, Supervisor
+from ism.hypervisor.supervisor import Image, State, Supervisor
 from ism.services.attestation import AttestationService, AttestedMicroservice, attested
 from ism.services.crypto import CryptoService
 from ism.services.identity import IdentityService
@@ -65,13 +67,18 @@ _LIFECYCLE = {"running": "active", "restarting": "active", "stopped": "suspended
 def attestation_service(
     device: Device, report: BootReport, policy: Policy | None, states: Callable[[uuidlib.UUID], str | None]
 ) -> AttestationService:
-    """The attestation service for what this boot accepted (policy digests from ``policy`` when configured)."""
+    """The attestation service for what this boot accepted (policy digests from ``policy`` when configured).
+
+    A microservice's lifecycle claim is ``states(uuid)``, else its persisted state (ism.device.microservices).
+    """
+    persisted = MicroserviceStates(device)
+    persisted.load()
     return AttestationService(
         device.keystore(),
         device.instance_id,
         _attested(report, policy),
         lifecycle=device.lifecycle_state,
-        states=lambda ms_uuid: states(ms_uuid) or "active",
+        states=lambda ms_uuid: states(ms_uuid) or attested_state(persisted.state(ms_uuid), None),
     )
 
 
@@ -80,7 +87,7 @@ def _attested(report: BootReport, policy: Policy | None) -> dict[uuidlib.UUID, A
         entry = policy.get(ms_uuid) if policy is not None else None
         return policy_digest(entry) if entry is not None else hashlib.sha256(b"ism: no policy entry").digest()
 
-    return {b.uuid: attested(b, digest) for b in report.accepted}
+    return {b.uuid: attested(b, digest) for b in (*report.accepted, *report.held)}
 
 
 def erase_microservice(device: Device, ms_uuid: uuidlib.UUID, key_names: list[str]) -> None:
@@ -112,6 +119,8 @@ class Runtime:
     identity: IdentityService
     storage: SecureStorage
     attestation: AttestationService
+    #: the persisted per-microservice lifecycle (ism.device.microservices)
+    lifecycle: MicroserviceStates | None = None
 
     @classmethod
     def start(
@@ -122,7 +131,9 @@ class Runtime:
     ) -> Runtime:
         """Boots the device in ``root`` and starts every microservice its policy names."""
         device = Device(root)
-        report = device.boot()
+        lifecycle = MicroserviceStates(device)
+        lifecycle.roll_forward(functools.partial(erase_microservice, device))  # a removal cut short: finish it
+        report = device.boot()  # suspended and quarantined microservices are held, not accepted
         board = device.board()
         policy = device.policy()
         peripherals = dict(make_peripherals(board, clock))
@@ -155,10 +166,19 @@ class Runtime:
             **attestation.calls(),
         }
         supervisor = Supervisor(
-            images, policy.by_uuid, peripherals, outbox.append, services, clock=clock, on_log=on_log
+            images,
+            policy.by_uuid,
+            peripherals,
+            crash_loop_recorder(lifecycle, outbox.append),  # a crash-loop quarantine is persisted
+            services,
+            clock=clock,
+            on_log=on_log,
         )
-        attestation.states = lambda ms_uuid: _LIFECYCLE.get(
-            str(supervisor.microservices[ms_uuid].state) if ms_uuid in supervisor.microservices else "", "installed"
+        attestation.states = lambda ms_uuid: attested_state(
+            lifecycle.state(ms_uuid),
+            _LIFECYCLE.get(
+                str(supervisor.microservices[ms_uuid].state) if ms_uuid in supervisor.microservices else "", "installed"
+            ),
         )
         for image, error in refused:
             supervisor.record(image, error.rule, error.message, 1, "not started")
@@ -171,8 +191,22 @@ class Runtime:
                 "not started",
             )
         supervisor.start()
+        for ms in supervisor.microservices.values():
+            if ms.state is State.RUNNING:
+                lifecycle.started(ms.uuid)  # installed -> active at its first successful start
         return cls(
-            device, report, board, policy, peripherals, outbox, supervisor, crypto, identity, storage, attestation
+            device,
+            report,
+            board,
+            policy,
+            peripherals,
+            outbox,
+            supervisor,
+            crypto,
+            identity,
+            storage,
+            attestation,
+            lifecycle,
         )
 
     def apply_policy(self, policy: Policy) -> dict[str, list[str]]:

@@ -43,7 +43,8 @@ def test_device_token_verifies_and_appraises(
     assert {statuses[("software-component", n)] for n in NAMES} == {"affirming"}
     assert statuses[("software-component", "ism")] == "warning"
     assert set(result["claims"]["submods"]) == set(NAMES)
-    assert {m["lifecycle"] for m in result["claims"]["submods"].values()} == {"active"}
+    # the persisted per-microservice lifecycle: installed, never started yet (docs/lifecycle.md)
+    assert {m["lifecycle"] for m in result["claims"]["submods"].values()} == {"installed"}
     # a wrong nonce, or a reference that expects other code, is refused
     assert main(["attest", "verify", str(token), "--key", str(iak), "--nonce", os.urandom(32).hex()]) == 1
     assert main([*args[:-1], "--ref", str(_reference(tmp_path, tamper="biometric"))]) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = (
     "abi|attest|board|boot|cbor|cli|cose|crypto|demo|device|downgrade|gateway|identity|keys|keystore|outbox"
-    "|lifecycle|package|policy|provision|sandbox|state|storage|suit|supervisor|wasm|x509"
+    "|lifecycle|ms-lifecycle|package|policy|provision|sandbox|state|storage|suit|supervisor|wasm|x509"
 )
 RULE = re.compile(rf"^({FAMILIES})\.[a-z0-9-]+$")
 #: strings that look like rule ids but name files or key-store ids

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from ism.cli._io import MAX_INPUT, read_file, write_file
 from ism.cli.attest import add_attest_commands, format_summary
 from ism.cli.lifecycle import add_lifecycle_commands, format_log
+from ism.cli.microservice import add_microservice_commands
 from ism.cli.provision import add_provision_commands
 from ism.crypto import cose
 from ism.crypto import suit as suit_auth
@@ -359,6 +360,7 @@ def cmd_device_install(args: argparse.Namespace) -> None:
 def format_boot_report(report: dict[str, Any]) -> str:
     lines = [
         f"secure boot of device {report['instance_id'][:18]}...: {report['booted']} booted, {report['refused']} refused"
+        + (f", {report['held']} held" if report.get("held") else "")
     ]
     for e in report["microservices"]:
         ident = f"{e['name'] or '?'} {e['version'] or '?'} seq={e['sequence']}"
@@ -367,6 +369,8 @@ def format_boot_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"  BOOTED   {ident:32} measurement {e['measurement'][:16]}... signer {e['signer'][:16]}...{note}"
             )
+        elif e["verdict"] == "held":
+            lines.append(f"  HELD     {ident:32} rule {e['rule']}: {e['message']}")
         else:
             lines.append(f"  REFUSED  {ident:32} rule {e['rule']}: {e['message']}")
     return "\n".join(lines)
@@ -699,6 +703,7 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--nonce", required=True, help="the verifier's nonce (hex, 32, 48 or 64 bytes)")
     att.add_argument("--out", type=Path, required=True, help="where to write the token (COSE_Sign1)")
     add_attest_commands(sub, add)
+    add_microservice_commands(dev, add)
     add_lifecycle_commands(dev, add)
     add_provision_commands(sub, add)
 

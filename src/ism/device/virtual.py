@@ -35,6 +35,7 @@ Layout::
     DIR/config/policy.cose          the protected policy artifact (``install_policy``), encrypted to the device
     DIR/state/rollback.cose         COSE_Mac0 over the anti-rollback counters
     DIR/state/sealed.cose           COSE_Mac0 over sealed boot records (validate-once, see trust.boot.Sealed)
+    DIR/state/microservices.cose    COSE_Mac0 over the per-microservice lifecycle (ism.device.microservices)
     DIR/state/lifecycle.cose        COSE_Mac0 over the device's hash-chained security lifecycle log
                                     (ism.device.lifecycle; its last sequence is the ``lifecycle`` counter)
     DIR/state/decommission.cose     the final statement of a decommissioned device (signed by its IAK)
@@ -71,6 +72,7 @@ from ism.crypto.keystore.software import SoftwareKeyStore
 from ism.crypto.policy_seal import open_sealed
 from ism.device._atomic import Faults, atomic_remove, atomic_write, read_capped, recover
 from ism.device.lifecycle import log_json, open_log
+from ism.device.microservices import MicroserviceStates
 from ism.device.outbox import Outbox
 from ism.device.trust.boot import Accepted, Sealed, check_package, check_sealed, seal
 from ism.errors import (
@@ -191,12 +193,15 @@ class BootReport:
     instance_id: str
     microservices: tuple[BootEntry, ...] = field(default_factory=tuple)
     accepted: tuple[Booted, ...] = field(default_factory=tuple, repr=False)
+    #: verified, but not to be started: suspended or quarantined (verdict "held"; attested, never run)
+    held: tuple[Booted, ...] = field(default_factory=tuple, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "instance_id": self.instance_id,
             "booted": sum(e.verdict == "booted" for e in self.microservices),
             "refused": sum(e.verdict == "refused" for e in self.microservices),
+            "held": sum(e.verdict == "held" for e in self.microservices),
             "microservices": [e.to_json() for e in self.microservices],
         }
 
@@ -478,12 +483,27 @@ class Device:
         accepted = check_package(data, self.anchors(), self.counters(), self.instance_id, downgrade)
         self._check_against_policy(accepted)
         ms = accepted.package.meta.uuid
+        lifecycle = MicroserviceStates(self)
+        lifecycle.check_install(ms)  # a banned UUID is refused before anything is written
         if downgrade is not None and accepted.downgraded:
             atomic_write(self._downgrade_path(ms), downgrade, self.faults)
         atomic_write(self.package_path(ms), data, self.faults)
         if not accepted.downgraded:
             atomic_remove(self._downgrade_path(ms), self.faults)
+        lifecycle.installed(ms)
         return accepted
+
+    def forget_package(self, ms_uuid: uuidlib.UUID | str) -> None:
+        """Removes a microservice's package, downgrade authorisation and sealed boot record (lifecycle removal).
+
+        Its anti-rollback counter stays: an older version cannot come back by reinstalling it.
+        """
+        ms = str(ms_uuid)
+        atomic_remove(self.package_path(ms), self.faults)
+        atomic_remove(self._downgrade_path(ms), self.faults)
+        sealed = self._load_sealed()
+        if sealed.pop(ms, None) is not None:
+            self._store_sealed(sealed)
 
     def _check_against_policy(self, accepted: Accepted) -> None:
         """Static check at install: the module may import only what its policy grants."""
@@ -770,10 +790,17 @@ class Device:
             full: re-parse and re-verify every package even when its sealed boot
                 record shows it unchanged since a full verification.
 
+        A package in the slot of a removed or banned microservice is refused
+        (``ms-lifecycle.removed``, ``ms-lifecycle.banned``); a suspended or
+        quarantined one is verified but *held*: not in ``accepted``, in ``held``
+        (``ms-lifecycle.suspended``, ``ms-lifecycle.quarantined``).
+
         Raises:
             TrustError: ``lifecycle.decommissioned``: nothing boots on a decommissioned device.
         """
         self._require("boot")
+        lifecycle = MicroserviceStates(self)
+        lifecycle.load()  # first: it may roll its counter forward, and the counters are read next
         anchors = anchor_map(self.anchors())
         counters = self.counters()
         before = dict(counters)
@@ -782,15 +809,20 @@ class Device:
         fresh: dict[str, Sealed] = {}
         entries: list[BootEntry] = []
         booted: list[Booted] = []
+        held: list[Booted] = []
         for ms in self.installed():
             try:
+                refusal = lifecycle.boot_refusal(ms)
+                if refusal is not None:
+                    raise refusal
                 result, record = self._boot_one(ms, anchors, counters, sealed.get(ms))
             except IsmError as exc:
                 entries.append(_refused(ms, self.package_path(ms), exc))
                 continue
             fresh[ms] = record
             counters[str(result.uuid)] = result.sequence
-            booted.append(result)
+            hold = lifecycle.hold(ms)
+            (held if hold is not None else booted).append(result)
             entries.append(
                 BootEntry(
                     str(result.uuid),
@@ -799,7 +831,10 @@ class Device:
                     result.sequence,
                     result.measurement.hex(),
                     result.signer.hex(),
-                    "booted",
+                    "booted" if hold is None else "held",
+                    rule=hold.rule if hold is not None else None,
+                    message=hold.message if hold is not None else None,
+                    code=int(hold.code) if hold is not None else None,
                     downgraded=result.downgraded,
                     verified=result.verified,
                 )
@@ -808,7 +843,7 @@ class Device:
             self._store_counters(counters)
         if fresh != existing:
             self._store_sealed(fresh)
-        return BootReport(self.instance_id.hex(), tuple(entries), tuple(booted))
+        return BootReport(self.instance_id.hex(), tuple(entries), tuple(booted), tuple(held))
 
     def _boot_one(
         self, ms: str, anchors: Anchors, counters: dict[str, int], sealed: Sealed | None

@@ -1,0 +1,561 @@
+"""The per-microservice security lifecycle, persisted on the device.
+
+Owns: each microservice's lifecycle state — ``installed``, ``active``,
+``suspended``, ``quarantined``, ``removed``, ``banned`` — the legal
+transitions between them (:data:`TRANSITIONS`, :func:`next_state`), the
+state file ``DIR/state/microservices.cose`` (:class:`MicroserviceStates`),
+applying a signed ``microservice`` command (:func:`apply_command`:
+authorise, transition, erase, consume) and finishing a removal that a power
+cut interrupted (:meth:`MicroserviceStates.roll_forward`). Secure boot asks
+:meth:`MicroserviceStates.boot_refusal` and :meth:`MicroserviceStates.hold`
+which microservices it must not start; install asks
+:meth:`MicroserviceStates.check_install`. Erasing storage and keys is the
+runtime's (services are above this layer): callers pass an eraser.
+Must not import: hypervisor, services, runtime, cli.
+
+Threat: a microservice the vendor suspended, the supervisor quarantined or
+the store banned running again — after a reboot (the state is persisted),
+by an offline edit of the state file (it is a COSE_Mac0 under the device
+state key), by deleting it or putting back an older copy from before the
+restriction (every write that restricts a microservice raises the
+``ms-lifecycle`` anti-rollback counter to the file's generation; a file
+below the counter, or missing while the counter is set, is refused), by
+putting a removed or banned package back on flash (boot refuses a package
+in a removed or banned slot), or by reinstalling a banned UUID (install
+refuses it). Also: a state change made by someone without the authority
+(commands are authorised by :mod:`ism.device.commands`: vendor anchors,
+the store for bans only; bound to the device; never replayed), illegal
+transitions (typed errors naming the rule), and a power cut halfway through
+a transition (every write is atomic; a removal is committed by its state
+record first and its erasure is completed when the device is next opened).
+
+State file (COSE_Mac0 over deterministic CBOR)::
+
+    { 1: 1,                  / format /
+      2: uint,               / generation: +1 on every write /
+      3: uint,               / floor: generation of the last restricting write (= the counter) /
+      4: { uuid-text => { 1: state, 2: since (s), 3: reason, ? 4: command digest, ? 5: true (erase pending) } } }
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final
+
+from ism.crypto import cose
+from ism.device._atomic import atomic_write, read_capped
+from ism.device.commands import authorise, consume
+from ism.errors import IsmError, StateCorruptError, TrustError
+from ism.formats import cbor, suit
+from ism.formats.command import Command
+from ism.formats.package import claimed_identity
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ism.device.virtual import Device
+
+__all__ = [
+    "ACTIONS",
+    "COUNTER",
+    "ERASED",
+    "NOT_STARTED",
+    "STATES",
+    "TRANSITIONS",
+    "Eraser",
+    "LifecycleError",
+    "MicroserviceStates",
+    "Record",
+    "apply_command",
+    "attested_state",
+    "command_digest",
+    "crash_loop_recorder",
+    "next_state",
+]
+
+STATES: Final = ("installed", "active", "suspended", "quarantined", "removed", "banned")
+#: states in which secure boot and the runtime do not start a microservice
+NOT_STARTED: Final = frozenset({"suspended", "quarantined", "removed", "banned"})
+#: states whose package, sealed boot record, storage and keys are gone
+ERASED: Final = frozenset({"removed", "banned"})
+#: action -> (the states it may start from; None: no record and no package), the state it leads to
+TRANSITIONS: Final[dict[str, tuple[frozenset[str | None], str]]] = {
+    "install": (frozenset({None, "removed"}), "installed"),
+    "start": (frozenset({"installed"}), "active"),
+    "suspend": (frozenset({"installed", "active"}), "suspended"),
+    "resume": (frozenset({"suspended"}), "active"),
+    "quarantine": (frozenset({"installed", "active", "suspended"}), "quarantined"),
+    "release": (frozenset({"quarantined"}), "active"),
+    "remove": (frozenset({"installed", "active", "suspended", "quarantined"}), "removed"),
+    "ban": (frozenset({None, "installed", "active", "suspended", "quarantined", "removed"}), "banned"),
+}
+ACTIONS: Final = tuple(TRANSITIONS)
+#: the anti-rollback counter that holds the generation of the last restricting write
+COUNTER: Final = "ms-lifecycle"
+FILE: Final = "microservices.cose"
+FORMAT: Final = 1
+MAX_FILE: Final = 1024 * 1024
+#: most records the file holds (bans are kept for ever)
+MAX_RECORDS: Final = 4096
+MAX_REASON: Final = 128
+_RESTRICTING: Final = NOT_STARTED
+#: the rule a boot refusal or hold names, by state
+_RULES: Final = {
+    "suspended": "ms-lifecycle.suspended",
+    "quarantined": "ms-lifecycle.quarantined",
+    "removed": "ms-lifecycle.removed",
+    "banned": "ms-lifecycle.banned",
+}
+
+#: erases a microservice's storage namespace and the named keys (``ism.runtime.erase_microservice``)
+Eraser = Callable[[uuidlib.UUID, list[str]], None]
+
+
+class LifecycleError(TrustError):
+    """A lifecycle transition that is not allowed (the rule says why); code 200."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The persisted lifecycle of one microservice."""
+
+    state: str
+    #: when it entered the state (wall-clock seconds)
+    since: int
+    #: why: the command's action, ``supervisor.crash-loop``, ``install``, ``first start``
+    reason: str
+    #: SHA-256 of the payload of the command that authorised it, if one did
+    command: bytes | None = None
+    #: a removal or ban whose erasure is not finished yet
+    pending: bool = False
+
+    def encode(self) -> dict[int, Any]:
+        out: dict[int, Any] = {1: self.state, 2: self.since, 3: self.reason}
+        if self.command is not None:
+            out[4] = self.command
+        if self.pending:
+            out[5] = True
+        return out
+
+    @classmethod
+    def decode(cls, raw: Any) -> Record:
+        if not isinstance(raw, dict) or not set(raw) <= {1, 2, 3, 4, 5} or not {1, 2, 3} <= set(raw):
+            raise ValueError("record keys")
+        state, since, reason, command, pending = raw[1], raw[2], raw[3], raw.get(4), raw.get(5, False)
+        if state not in STATES or not isinstance(reason, str) or len(reason) > MAX_REASON:
+            raise ValueError("record state or reason")
+        if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+            raise ValueError("record time")
+        if command is not None and (not isinstance(command, bytes) or len(command) != 32):
+            raise ValueError("record command digest")
+        if not isinstance(pending, bool) or (pending and state not in ERASED):
+            raise ValueError("record pending flag")
+        return cls(state, since, reason, command, pending)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "since": datetime.datetime.fromtimestamp(self.since, datetime.UTC).isoformat(),
+            "reason": self.reason,
+            "command": self.command.hex() if self.command is not None else None,
+            "pending_erase": self.pending,
+        }
+
+
+def next_state(current: str | None, action: str, subject: str | None = None) -> str:
+    """The state ``action`` leads to from ``current`` (None: the device does not have the microservice).
+
+    Raises:
+        LifecycleError: ``ms-lifecycle.banned`` (a banned microservice is banned for good),
+            ``ms-lifecycle.unknown`` (no such microservice on the device),
+            ``ms-lifecycle.transition`` (any other transition the table does not allow).
+    """
+    if action not in TRANSITIONS:
+        raise LifecycleError("ms-lifecycle.transition", f"no lifecycle action {action!r}", subject=subject)
+    sources, target = TRANSITIONS[action]
+    if current == "banned":
+        raise LifecycleError(
+            "ms-lifecycle.banned", f"the microservice is banned: it cannot {action} (a ban is final)", subject=subject
+        )
+    if current not in sources:
+        if current is None:
+            raise LifecycleError(
+                "ms-lifecycle.unknown", f"the device has no such microservice to {action}", subject=subject
+            )
+        raise LifecycleError(
+            "ms-lifecycle.transition",
+            f"a microservice that is {current} cannot {action}",
+            subject=subject,
+            got=current,
+            expected=sorted(s for s in sources if s is not None),
+        )
+    return target
+
+
+def command_digest(command: Command) -> bytes:
+    """What a record keeps of the command that authorised it: SHA-256 of its payload."""
+    return hashlib.sha256(command.encode()).digest()
+
+
+class MicroserviceStates:
+    """The lifecycle records of one device (``DIR/state/microservices.cose``).
+
+    A microservice with a package but no record is ``installed`` (devices that
+    predate the lifecycle, or an install cut short before its record). Reads
+    verify the MAC and the generation against the ``ms-lifecycle`` counter;
+    writes are read-modify-write under a lock file, so two processes never
+    lose each other's change.
+
+    Raises (any method that reads):
+        StateCorruptError: ``state.ms-lifecycle`` (MAC or format), ``state.ms-lifecycle-replay``
+            (an older copy put back), ``state.ms-lifecycle-missing`` (deleted).
+    """
+
+    def __init__(self, device: Device, clock: Callable[[], float] = time.time) -> None:
+        self.device = device
+        self.clock = clock
+        self._records: dict[str, Record] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.device.root / "state" / FILE
+
+    # -- the file ---------------------------------------------------------------------------------
+
+    def _read(self) -> tuple[int, int, dict[str, Record]]:
+        counter = self.device.counters().get(COUNTER, 0)
+        try:
+            data = read_capped(self.path, MAX_FILE)
+        except FileNotFoundError:
+            if counter:
+                raise StateCorruptError(
+                    "state.ms-lifecycle-missing",
+                    "the microservice lifecycle file is missing, but the device has restricted microservices",
+                    subject=str(self.path),
+                ) from None
+            return 0, 0, {}
+        except OSError as exc:
+            raise StateCorruptError("state.ms-lifecycle", f"cannot read the lifecycle file: {exc.strerror}") from exc
+        generation, floor, records = _open(data, self.device.state_mac_key)
+        if generation < counter:
+            raise StateCorruptError(
+                "state.ms-lifecycle-replay",
+                "the microservice lifecycle file is older than its counter: an old copy was put back",
+                got=generation,
+                expected=f">= {counter}",
+            )
+        if floor > counter:  # a restricting write was cut before its counter moved: finish it
+            self.device.advance_counter(COUNTER, floor)
+        return generation, floor, records
+
+    def load(self) -> dict[str, Record]:
+        """Every record, read from disk and verified (and kept for :meth:`get`)."""
+        self._records = self._read()[2]
+        return dict(self._records)
+
+    def get(self, ms: uuidlib.UUID | str) -> Record | None:
+        """The record of ``ms`` (read from disk once, then from memory; :meth:`load` refreshes it)."""
+        if self._records is None:
+            self.load()
+        assert self._records is not None
+        return self._records.get(str(ms))
+
+    def state(self, ms: uuidlib.UUID | str) -> str | None:
+        """The lifecycle state of ``ms``: its record's, else ``installed`` if it has a package, else None."""
+        record = self.get(ms)
+        if record is not None:
+            return record.state
+        return "installed" if self.device.package_path(str(ms)).is_file() else None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self.device.root / "state" / "microservices.lock"
+        with lock.open("a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _update(self, change: Callable[[dict[str, Record]], tuple[str, Record] | None]) -> Record | None:
+        """Read, ``change`` (returns the one record to set, or None for no write), write; under the lock."""
+        with self._locked():
+            generation, floor, records = self._read()
+            changed = change(records)
+            if changed is None:
+                self._records = records
+                return None
+            key, record = changed
+            old = records.get(key)
+            records[key] = record
+            if len(records) > MAX_RECORDS:
+                raise LifecycleError("ms-lifecycle.full", f"the device keeps at most {MAX_RECORDS} lifecycle records")
+            restricting = record.state in _RESTRICTING and (old is None or old.state != record.state)
+            generation += 1
+            if restricting:
+                floor = generation
+            body = {1: FORMAT, 2: generation, 3: floor, 4: {k: v.encode() for k, v in sorted(records.items())}}
+            atomic_write(self.path, cose.mac0(cbor.dumps(body), self.device.state_mac_key), self.device.faults)
+            self._records = records
+            if restricting:
+                self.device.advance_counter(COUNTER, floor)
+            return record
+
+    # -- transitions ------------------------------------------------------------------------------
+
+    def transition(
+        self, ms: uuidlib.UUID | str, action: str, reason: str | None = None, command: bytes | None = None
+    ) -> Record:
+        """Moves ``ms`` by ``action`` (see :data:`TRANSITIONS`) and persists it; returns the new record.
+
+        With ``command`` (the authorising command's digest): if the record was
+        written by that very command, nothing changes and the record is
+        returned (applying a command again after a power cut is idempotent).
+
+        Raises:
+            LifecycleError: see :func:`next_state`.
+        """
+        key = str(uuidlib.UUID(str(ms)))
+        reason = (reason or action)[:MAX_REASON]
+        result: list[Record] = []
+
+        def change(records: dict[str, Record]) -> tuple[str, Record] | None:
+            old = records.get(key)
+            if command is not None and old is not None and old.command == command:
+                result.append(old)
+                return None
+            current = old.state if old is not None else ("installed" if self._has_package(key) else None)
+            target = next_state(current, action, key)
+            new = Record(target, int(self.clock()), reason, command, pending=target in ERASED)
+            result.append(new)
+            return key, new
+
+        self._update(change)
+        return result[0]
+
+    def _has_package(self, key: str) -> bool:
+        return self.device.package_path(key).is_file()
+
+    def check_install(self, ms: uuidlib.UUID | str) -> None:
+        """Refuses to install a banned microservice (before anything is written).
+
+        Raises:
+            LifecycleError: ``ms-lifecycle.banned``.
+        """
+        record = self.load().get(str(ms))
+        if record is not None and record.state == "banned":
+            raise LifecycleError(
+                "ms-lifecycle.banned",
+                "this microservice is banned on this device: it cannot be installed",
+                subject=str(ms),
+            )
+        if record is not None and record.pending:
+            raise LifecycleError(
+                "ms-lifecycle.pending",
+                "this microservice's removal is not finished: open the device ('ism device microservices') first",
+                subject=str(ms),
+            )
+
+    def installed(self, ms: uuidlib.UUID | str) -> None:
+        """Records an install that was just written: ``installed`` if new or removed before; else unchanged.
+
+        An update of a suspended or quarantined microservice stays so until a
+        ``resume`` or ``release`` command.
+        """
+
+        def change(records: dict[str, Record]) -> tuple[str, Record] | None:
+            old = records.get(str(ms))
+            if old is not None and (old.state != "removed" or old.pending):
+                return None
+            reason = "install" if old is None else "reinstall"
+            return str(ms), Record("installed", int(self.clock()), reason)
+
+        self._update(change)
+
+    def started(self, ms: uuidlib.UUID | str) -> None:
+        """Records the first successful start: ``installed`` becomes ``active`` (otherwise nothing changes)."""
+
+        def change(records: dict[str, Record]) -> tuple[str, Record] | None:
+            old = records.get(str(ms))
+            if old is not None and old.state != "installed":
+                return None
+            return str(ms), Record("active", int(self.clock()), "first start")
+
+        self._update(change)
+
+    # -- boot -------------------------------------------------------------------------------------
+
+    def boot_refusal(self, ms: str) -> LifecycleError | None:
+        """Why secure boot must refuse the package in slot ``ms`` before verifying it: removed or banned."""
+        record = self.get(ms)
+        if record is None or record.state not in ERASED:
+            return None
+        return LifecycleError(
+            _RULES[record.state],
+            f"the microservice was {record.state}: a package in its slot is not started"
+            + (" (and cannot be installed again)" if record.state == "banned" else " (install it again to use it)"),
+            subject=ms,
+        )
+
+    def hold(self, ms: str) -> LifecycleError | None:
+        """Why a package that passed secure boot is not started: suspended or quarantined."""
+        record = self.get(ms)
+        if record is None or record.state not in NOT_STARTED - ERASED:
+            return None
+        until = "resume" if record.state == "suspended" else "release"
+        return LifecycleError(
+            _RULES[record.state],
+            f"{record.state} ({record.reason}): not started until an authorised '{until}' command",
+            subject=ms,
+        )
+
+    # -- removal ----------------------------------------------------------------------------------
+
+    def finish_erase(self, ms: uuidlib.UUID | str, erase: Eraser) -> None:
+        """Completes a removal or ban: storage and keys erased, package and sealed record gone, then not pending.
+
+        Every step is idempotent, so a power cut anywhere is repaired by calling it again.
+        """
+        key = str(uuidlib.UUID(str(ms)))
+        record = self.get(key)
+        if record is None or not record.pending:
+            return
+        erase(uuidlib.UUID(key), _granted_keys(self.device, key))
+        self.device.forget_package(key)
+
+        def change(records: dict[str, Record]) -> tuple[str, Record] | None:
+            now = records.get(key)
+            if now is None or not now.pending:
+                return None
+            return key, replace(now, pending=False)
+
+        self._update(change)
+
+    def roll_forward(self, erase: Eraser) -> list[str]:
+        """Finishes every removal or ban a power cut interrupted; returns the UUIDs it finished."""
+        pending = [k for k, r in self.load().items() if r.pending]
+        for key in pending:
+            self.finish_erase(key, erase)
+        return pending
+
+    # -- reports ----------------------------------------------------------------------------------
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every microservice the device has a package or a record for, with state, since and reason."""
+        records = self.load()
+        out = []
+        for key in sorted(set(records) | set(self.device.installed())):
+            record = records.get(key)
+            identity: dict[str, Any] = {}
+            if self._has_package(key):
+                with contextlib.suppress(IsmError, OSError):
+                    identity = claimed_identity(
+                        suit.parse_envelope(read_capped(self.device.package_path(key), 16 * 1024 * 1024))
+                    )
+            entry: dict[str, Any] = {
+                "uuid": key,
+                "name": identity.get("name"),
+                "version": identity.get("version"),
+                "package": self._has_package(key),
+            }
+            if record is None:
+                entry.update(state="installed", since=None, reason="installed (no lifecycle record yet)")
+                entry.update(command=None, pending_erase=False)
+            else:
+                entry.update(record.to_json())
+            out.append(entry)
+        return out
+
+
+def _granted_keys(device: Device, ms: str) -> list[str]:
+    """The key names the access policy grants ``ms`` (what a removal destroys); none if unconfigured."""
+    if not device.configured():
+        return []
+    entry = device.policy().get(uuidlib.UUID(ms))
+    return sorted(entry.keys) if entry is not None else []
+
+
+def _open(data: bytes, key: bytes) -> tuple[int, int, dict[str, Record]]:
+    try:
+        msg = cose.parse(data, expect="mac0")
+        cose.verify_mac0(msg, key)
+        body = cbor.loads(msg.payload or b"")
+    except IsmError as exc:
+        raise StateCorruptError(
+            "state.ms-lifecycle", "the microservice lifecycle file fails its integrity check"
+        ) from exc
+    try:
+        if not isinstance(body, dict) or set(body) != {1, 2, 3, 4} or body[1] != FORMAT:
+            raise ValueError("layout")
+        generation, floor, raw = body[2], body[3], body[4]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (generation, floor)):
+            raise ValueError("generation")
+        if floor > generation or not isinstance(raw, dict) or len(raw) > MAX_RECORDS:
+            raise ValueError("records")
+        records = {str(uuidlib.UUID(k)): Record.decode(v) for k, v in raw.items() if isinstance(k, str)}
+        if len(records) != len(raw):
+            raise ValueError("record keys")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise StateCorruptError("state.ms-lifecycle", f"the microservice lifecycle file is malformed ({exc})") from exc
+    return generation, floor, records
+
+
+def apply_command(device: Device, data: bytes, erase: Eraser) -> tuple[Command, Record]:
+    """Applies a signed ``microservice`` command: authorise, transition, erase (remove, ban), consume.
+
+    Idempotent: a command applied again after a power cut (its counter had not
+    moved yet) finds its own record and only finishes what is left.
+
+    Raises:
+        FormatError, UsageError, UntrustedSignerError, SignatureError, TrustError, RollbackError:
+            ``command.*`` (see :func:`ism.device.commands.authorise`).
+        LifecycleError: ``ms-lifecycle.*`` (an illegal transition).
+    """
+    command = authorise(device, data, "microservice")
+    ms = uuidlib.UUID(bytes=command.args["uuid"])
+    action = str(command.args["action"])
+    states = MicroserviceStates(device)
+    states.roll_forward(erase)
+    record = states.transition(ms, action, f"command: {action}", command_digest(command))
+    if record.pending:
+        states.finish_erase(ms, erase)
+        record = states.get(ms) or record
+    consume(device, command)
+    return command, record
+
+
+def attested_state(persisted: str | None, live: str | None) -> str:
+    """The lifecycle a microservice's attestation claims.
+
+    The persisted state, unless it is ``installed`` or ``active`` and the
+    running supervisor knows better (``live``: what it makes of the
+    microservice now, e.g. ``quarantined`` or, stopped, ``suspended``).
+    """
+    if persisted in NOT_STARTED:
+        return persisted
+    return live or persisted or "installed"
+
+
+def crash_loop_recorder(
+    states: MicroserviceStates, sink: Callable[[dict[str, Any]], int]
+) -> Callable[[dict[str, Any]], int]:
+    """Wraps the supervisor's violation sink: a crash-loop quarantine is also persisted (``quarantined``).
+
+    It then survives a reboot, until an authorised ``release`` command.
+    """
+
+    def record(violation: dict[str, Any]) -> int:
+        rid = sink(violation)
+        if violation.get("rule") == "supervisor.crash-loop" and violation.get("action") == "quarantined":
+            with contextlib.suppress(LifecycleError):  # removed or banned meanwhile: that state stands
+                states.transition(str(violation.get("ms_uuid")), "quarantine", "supervisor.crash-loop")
+        return rid
+
+    return record
