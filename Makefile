@@ -13,7 +13,7 @@ EXAMPLES_OUT := build/examples
 
 all: test
 
-$(STAMP): pyproject.toml scripts/bootstrap.sh
+$(STAMP): pyproject.toml setup.py scripts/bootstrap.sh src/ism/formats/_cbor_native.c
 	PYTHON=$(PYTHON) ./scripts/bootstrap.sh $(VENV)
 	@touch $(STAMP)
 

@@ -19,6 +19,15 @@ smuggled after a signed item. This decoder:
 
 Values map to: int, bytes, str, list, dict, bool, None, float, :class:`Tag`,
 and :data:`UNDEFINED`.
+
+Two decoders, one behaviour (docs/adr/0005-native-cbor-decoder.md): the
+pure-Python decoder here is the reference; the optional C extension
+``ism.formats._cbor_native`` decodes the same inputs into the same values and
+refuses everything else without deciding how it is malformed, so
+:func:`loads` then runs the reference decoder, which raises the
+:class:`FormatError` with its rule. The native decoder can therefore only
+accept what the reference accepts. Without the extension (no C compiler at
+install) :func:`loads` uses the reference decoder alone.
 """
 
 from __future__ import annotations
@@ -30,6 +39,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ism.errors import FormatError
+
+try:
+    from ism.formats import _cbor_native as _native
+except ImportError:  # no C compiler at install: the reference decoder alone
+    _native = None  # type: ignore[assignment]
 
 __all__ = ["UNDEFINED", "Limits", "Raw", "Tag", "dumps", "loads"]
 
@@ -66,6 +80,9 @@ class _Undefined:
 
 
 UNDEFINED: Final = _Undefined()
+
+if _native is not None:
+    _native.configure(Tag, UNDEFINED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +329,9 @@ def _hashable(key: Any, offset: int) -> Any:
 def loads(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMITS) -> Any:
     """Decodes exactly one CBOR data item.
 
+    Uses the native decoder when it is built; whatever it refuses goes to the
+    reference decoder, which names the broken rule (see the module docstring).
+
     Args:
         data: the encoded item; nothing may follow it.
         limits: decoding bounds.
@@ -324,6 +344,16 @@ def loads(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMITS
     """
     if not isinstance(data, bytes):
         data = bytes(data)
+    if _native is not None:
+        try:
+            return _native.loads(data, limits.max_depth, limits.max_items, limits.allow_indefinite)
+        except _native.Invalid:
+            pass  # refused: the reference decoder below raises the FormatError with its rule
+    return _loads_python(data, limits)
+
+
+def _loads_python(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> Any:
+    """The reference decoder behind :func:`loads` (also what the native decoder is tested against)."""
     if not data:
         raise FormatError("cbor.truncated", "empty input")
     dec = _Decoder(data, limits)

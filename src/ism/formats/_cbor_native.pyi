@@ -1,0 +1,12 @@
+"""Type stub for the optional C extension: the native strict CBOR decoder (see ``_cbor_native.c``)."""
+
+from typing import Any, Final
+
+#: Nesting beyond this many levels is left to the reference decoder.
+HARD_MAX_DEPTH: Final[int]
+
+class Invalid(Exception):
+    """The native decoder refused the input: the reference decoder names the rule."""
+
+def configure(tag: type, undefined: object, /) -> None: ...
+def loads(data: bytes, max_depth: int, max_items: int, allow_indefinite: bool, /) -> Any: ...
