@@ -1,10 +1,14 @@
 """``ism demo``: the reference device's story, told with the real commands and the real runtime.
 
-1. A developer signs the four microservices of the fingerprint 2FA token; the
-   vendor provisions a virtual device, installs the packages (a tampered one is
-   refused at install) and the access policy as a protected artifact — signed
-   by the vendor's policy key, encrypted to this device — then rotates it to
-   version 2; a replay of version 1 is refused.
+1. A developer signs the four microservices of the fingerprint 2FA token. At
+   the factory the device is initialised, trusts the factory's vendor key and
+   is locked (``secured``); in the field the product vendor's provisioning
+   bundle, signed by that key, adds the developer, policy and store anchors
+   and rotates the vendor anchor to the product vendor's own key. The vendor
+   installs the packages (a tampered one is refused at install) and the
+   access policy as a protected artifact — signed by the vendor's policy key,
+   encrypted to this device — then rotates it to version 2; a replay of
+   version 1 is refused.
 2. The device boots (secure + measured boot) and runs: a host enrols a finger
    and sends challenges over ``uart.host``; the token signs only when the
    finger matches. The third-party ``analytics`` tries to read the fingerprint
@@ -177,6 +181,43 @@ def _attest(runtime: object, out: Path) -> None:
             ).splitlines()
         )
     )
+    from ism.device.lifecycle import read_log
+
+    log = read_log(runtime.device)
+    print(
+        f"   security lifecycle in the token: {verified.claims.lifecycle_state}; the device's lifecycle log "
+        f"({len(log.entries)} entries: {', '.join(e.event for e in log.entries)}) ends in {log.state}"
+    )
+
+
+def _provision(dev: Path, out: Path) -> None:
+    """The factory trusts its own vendor key and locks the device; the product vendor's bundle does the rest."""
+    from ism.crypto.keys import load_public, signer_id
+
+    print("\n   At the factory: the device trusts the factory's vendor key for device commands, then is locked.")
+    for name in ("factory-vendor", "product-vendor", "vendor-policy", "store"):
+        _run("keygen", "--alg", "es256", "--out", str(out / f"{name}.pem"))
+    _run("device", "init", str(dev))
+    _run("device", "trust", str(dev), "--add", str(out / "factory-vendor.pub.pem"), "--role", "vendor")
+    _run("device", "lock", str(dev))
+    print(
+        "\n   In the field: the product vendor's provisioning bundle, signed with the factory's key, adds the\n"
+        "   developer, policy-signer and store anchors and hands the device over to the product vendor's key:"
+    )
+    factory = signer_id(load_public(out / "factory-vendor.pub.pem")).hex()
+    bundle = out / "provisioning.cose"
+    _run(
+        "provision", "bundle", "--sign", str(out / "factory-vendor.pem"), "--device", str(dev),
+        "--add", f"microservice:{out / 'developer.pub.pem'}", "--add", f"policy:{out / 'vendor-policy.pub.pem'}",
+        "--add", f"store:{out / 'store.pub.pem'}", "--add", f"vendor:{out / 'product-vendor.pub.pem'}",
+        "--remove", f"vendor:{factory}", "--out", str(bundle),
+    )  # fmt: skip
+    _run("device", "provision", str(dev), str(bundle))
+    status = _run("device", "provision", str(dev), str(bundle))
+    print(f"(exit status {status}: the factory's key no longer commands this device; the bundle is not replayed)")
+    status = _run("device", "trust", str(dev), "--add", str(out / "store.pub.pem"))
+    print(f"(exit status {status}: a secured device takes anchors only from signed bundles)")
+    _run("device", "lifecycle", str(dev), "--log")
 
 
 def run_demo(examples: Path, out: Path) -> None:
@@ -213,14 +254,11 @@ def run_demo(examples: Path, out: Path) -> None:
             "--out",
             str(out / f"{name}.suit"),
         )
-    _run("device", "init", str(dev))
-    _run("device", "trust", str(dev), "--add", str(out / "developer.pub.pem"))
+    _provision(dev, out)
     for name in TOKEN:
         _run("device", "install", str(dev), str(out / f"{name}.suit"))
     print("\n   The vendor signs the access policy and encrypts it to this device (only the device can read it):")
     vendor = out / "vendor-policy.pem"
-    _run("keygen", "--alg", "es256", "--out", str(vendor))
-    _run("device", "trust", str(dev), "--add", str(out / "vendor-policy.pub.pem"), "--role", "policy")
     info = out / "device-info.json"
     _capture_json(info, "device", "info", str(dev), "--json")
     v1, v2 = out / "policy-v1.cose", out / "policy-v2.cose"
