@@ -20,11 +20,11 @@ import hashlib
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ism.boards.virtual import Peripheral, make_peripherals
-from ism.device.microservices import MicroserviceStates, attested_state, crash_loop_recorder
+from ism.device.microservices import NOT_STARTED, MicroserviceStates, attested_state, crash_loop_recorder
 from ism.device.outbox import Outbox
 from ism.device.virtual import Booted, BootReport, Device
 from ism.errors import IsmError, UsageError
@@ -121,6 +121,8 @@ class Runtime:
     attestation: AttestationService
     #: the persisted per-microservice lifecycle (ism.device.microservices)
     lifecycle: MicroserviceStates | None = None
+    #: microservices :meth:`apply_lifecycle` stopped (suspended on the running device)
+    paused: set[uuidlib.UUID] = field(default_factory=set)
 
     @classmethod
     def start(
@@ -152,7 +154,7 @@ class Runtime:
             images.append(image)
         keystore = device.keystore()
         crypto = CryptoService(keystore)
-        registrations = {b.uuid: b.measurement for b in report.accepted}
+        registrations = {b.uuid: b.measurement for b in (*report.accepted, *report.held)}
         identity = IdentityService(keystore, device.identity_ca(), device.instance_id, registrations, crypto)
         if identity.ca_der != device.identity_ca():
             device.store_identity_ca(identity.ca_der)
@@ -270,6 +272,50 @@ class Runtime:
                 subject=str(self.device.root),
             )
         return self.apply_policy(policy)
+
+    def apply_lifecycle(self) -> dict[str, list[str]]:
+        """Puts the persisted per-microservice lifecycle into effect now, between two supervisor steps.
+
+        After ``ism device microservice`` from another process: a microservice
+        now suspended, quarantined, removed or banned stops; one resumed or
+        released starts (also one that boot held). Nothing else is touched.
+
+        Returns:
+            Microservice names by outcome (``stopped``, ``started``).
+        """
+        outcome: dict[str, list[str]] = {"stopped": [], "started": []}
+        if self.lifecycle is None:
+            return outcome
+        self.lifecycle.load()
+        sup = self.supervisor
+        for ms in list(sup.microservices.values()):
+            state = self.lifecycle.state(ms.uuid)
+            if state in NOT_STARTED:
+                if ms.state in (State.RUNNING, State.RESTARTING):
+                    sup.hold(ms.name, quarantine=state == "quarantined")
+                    self.paused.add(ms.uuid)
+                    outcome["stopped"].append(ms.name)
+            elif ms.state is State.QUARANTINED or (ms.state is State.STOPPED and ms.uuid in self.paused):
+                self.paused.discard(ms.uuid)
+                sup.release(ms.name)
+                outcome["started"].append(ms.name)
+        for booted in self.report.held:
+            entry = self.policy.get(booted.uuid)
+            if booted.uuid in sup.microservices or entry is None:
+                continue
+            if self.lifecycle.state(booted.uuid) not in ("installed", "active"):
+                continue
+            try:
+                check_module(entry, wasm.parse_module(booted.payload))
+            except IsmError as exc:
+                sup.record(_image(booted), exc.rule, exc.message, 1, "not started")
+                continue
+            if sup.admit(_image(booted), entry):
+                outcome["started"].append(entry.name)
+        for ms in sup.microservices.values():
+            if ms.state is State.RUNNING and ms.name in outcome["started"]:
+                self.lifecycle.started(ms.uuid)
+        return outcome
 
     @property
     def storage_path(self) -> Path:

@@ -15,7 +15,13 @@ import functools
 import itertools
 import json
 import os
+import queue
+import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +32,7 @@ import pytest
 from _malicious import FakeClock
 
 from ism.cli.main import main
+from ism.cli.microservice import LifecycleWatch
 from ism.crypto import cose
 from ism.crypto.attestation import verify_token
 from ism.crypto.keys import PrivateKey, generate, load_private, pem_from_der, public_pem, read_public_pem
@@ -36,6 +43,7 @@ from ism.device.virtual import Device
 from ism.errors import ErrorCode, IsmError, RollbackError, StateCorruptError
 from ism.formats.command import Command, decode_command
 from ism.hypervisor.supervisor import State
+from ism.maintenance import decommission, factory_reset
 from ism.runtime import Runtime, erase_microservice, open_storage
 from ism.services.crypto import key_store_id
 
@@ -550,3 +558,135 @@ def test_power_cut_while_the_supervisor_quarantines(token: Token, tmp_path: Path
             assert err.value.rule == "state.ms-lifecycle-replay"
         shutil.rmtree(path)
     assert seen == {"active", "quarantined"}
+
+
+# -- with the vendor's tool, and with the device lifecycle ----------------------------------------
+
+
+def test_commands_made_by_the_vendor_tool(tmp_path: Path, provision_token: Callable[..., Path]) -> None:
+    """``ism provision command microservice`` makes what ``ism device microservice`` applies (locked device)."""
+    root = provision_token(tmp_path, lock=True)  # the vendor key is tmp_path/vendor.pem
+    cmd = tmp_path / "suspend.cose"
+    argv = ["provision", "command", "microservice", "--uuid", str(LINK), "--action", "suspend"]
+    assert main([*argv, "--sign", str(tmp_path / "vendor.pem"), "--device", str(root), "--out", str(cmd)]) == 0
+    assert main(["device", "microservice", str(root), "--command", str(cmd)]) == 0
+    assert MicroserviceStates(Device(root)).state(LINK) == "suspended"
+    assert main(["device", "microservice", str(root), "--command", str(cmd)]) == 1  # replayed
+
+
+def test_factory_reset_removes_every_microservice_but_keeps_bans(
+    tmp_path: Path, provision_token: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = provision_token(tmp_path, lock=True)
+    vendor = load_private(tmp_path / "vendor.pem")
+    token = Token(root, tmp_path, vendor, vendor, load_private(tmp_path / "dev.pem"))
+    started_names(token)
+    apply(capsys, token, token.command(LINK, "suspend"))
+    apply(capsys, token, token.command(ANALYTICS, "ban"))
+    instance = Device(root).instance_id
+    factory_reset(Device(root), sign_command(Command("factory-reset", instance, 1, {}), vendor))
+    assert states(capsys, token) == {
+        "biometric": "removed",
+        "authenticator": "removed",
+        "link": "removed",
+        "analytics": "banned",  # names are kept in the records: no package is left to read them from
+    }
+    # reinstalled after the reset, a microservice starts afresh; the banned one stays out
+    for name in ("link", "biometric"):
+        status, _, err = ism(capsys, "device", "install", root, tmp_path / f"{name}.suit")
+        assert status == 0, err
+    status, _, err = ism(capsys, "device", "install", root, tmp_path / "analytics.suit")
+    assert status == 1
+    assert err.startswith("error: [200 ms-lifecycle.banned]")
+    assert states(capsys, token)["link"] == "installed"
+
+    # decommissioned: nothing about microservices is answered or changed any more
+    decommission(Device(root), sign_command(Command("decommission", instance, 1, {}), vendor))
+    status, _, err = ism(capsys, "device", "microservices", root)
+    assert status == 1
+    assert err.startswith("error: [200 lifecycle.decommissioned]")
+    refused(capsys, token, token.command(LINK, "resume"), 200, "lifecycle.decommissioned")
+    with pytest.raises(IsmError) as err_info:
+        Runtime.start(root)
+    assert err_info.value.rule == "lifecycle.decommissioned"
+
+
+# -- on a running device --------------------------------------------------------------------------
+
+
+def test_commands_take_effect_on_a_running_device(token: Token, capsys: pytest.CaptureFixture[str]) -> None:
+    apply(capsys, token, token.command(BIOMETRIC, "suspend"))  # held at boot
+    runtime = running(token)
+    try:
+        sup, watch = runtime.supervisor, LifecycleWatch(runtime, quiet=True)
+        assert "biometric" not in sup.by_name
+        assert watch.check() is None  # nothing changed yet
+        # 'ism device microservice' from another process while the device runs
+        apply(capsys, token, token.command(LINK, "suspend"))
+        apply(capsys, token, token.command(AUTHENTICATOR, "quarantine"))
+        assert watch.check() == {"stopped": ["authenticator", "link"], "started": []}
+        assert (sup.by_name["link"].state, sup.by_name["authenticator"].state) == (State.STOPPED, State.QUARANTINED)
+        assert sup.by_name["link"].sandbox is None
+        sup.step()
+        states_now = _device_token_states(runtime)
+        assert (states_now["link"], states_now["authenticator"]) == ("suspended", "quarantined")
+
+        apply(capsys, token, token.command(LINK, "resume"))
+        apply(capsys, token, token.command(AUTHENTICATOR, "release"))
+        apply(capsys, token, token.command(BIOMETRIC, "resume"))
+        outcome = watch.check()
+        assert outcome is not None
+        assert sorted(outcome["started"]) == ["authenticator", "biometric", "link"]
+        assert {sup.by_name[n].state for n in ("link", "authenticator", "biometric")} == {State.RUNNING}
+        assert _device_token_states(runtime)["biometric"] == "active"
+        nonce = os.urandom(32)  # the microservice boot held is registered with the services too
+        key = read_public_pem(pem_from_der(runtime.attestation.public_key_der))
+        own = verify_token(runtime.attestation.microservice_token(BIOMETRIC, nonce), key, nonce=nonce).claims
+        assert own.microservice is not None
+        assert own.microservice.lifecycle == "active"
+    finally:
+        runtime.close()
+
+
+def test_ism_device_run_applies_a_command_given_while_it_runs(token: Token) -> None:
+    """Two processes: 'ism device run' and, meanwhile, 'ism device microservice'."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ism.cli.main", "device", "run", str(token.root), "--for", "6"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True)
+    reader.start()
+    seen: list[str] = []
+
+    def wait_for(text: str, timeout: float = 30) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"{text!r} not seen in {seen}")
+
+    try:
+        wait_for("running 4 microservice(s)")
+        assert main(["device", "microservice", str(token.root), "--command", str(token.command(LINK, "suspend"))]) == 0
+        wait_for("microservice lifecycle applied (stopped: link)")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    while not lines.empty():
+        seen.append(lines.get_nowait())
+    output = "".join(seen)
+    assert re.search(r"^\s+link\s+stopped\b", output, flags=re.MULTILINE), output

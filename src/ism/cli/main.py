@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from ism.cli._io import MAX_INPUT, read_file, write_file
 from ism.cli.attest import add_attest_commands, format_summary
 from ism.cli.lifecycle import add_lifecycle_commands, format_log
-from ism.cli.microservice import add_microservice_commands
+from ism.cli.microservice import LifecycleWatch, add_microservice_commands
 from ism.cli.provision import add_provision_commands
 from ism.crypto import cose
 from ism.crypto import suit as suit_auth
@@ -503,6 +503,7 @@ def cmd_device_run(args: argparse.Namespace) -> None:
         end = time.monotonic() + args.seconds
         policy_file = args.dir / "config" / "policy.cose"
         stamp, next_check = _stamp(policy_file), time.monotonic() + POLICY_POLL
+        lifecycle = LifecycleWatch(runtime, quiet=args.json)  # 'ism device microservice' from another process
         while time.monotonic() < end:
             sup.step()
             if bridge is not None:
@@ -512,6 +513,7 @@ def cmd_device_run(args: argparse.Namespace) -> None:
                 if _stamp(policy_file) != stamp:
                     stamp = _stamp(policy_file)
                     _reload_policy(runtime, args.json)
+                lifecycle.check()
             if not args.json and len(sup.records) > seen:
                 _print_records([r.to_json() for r in sup.records[seen:]])
                 seen = len(sup.records)

@@ -14,20 +14,61 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import uuid as uuidlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ism.cli._io import read_file
-from ism.device.microservices import MicroserviceStates, apply_command
+from ism.device.microservices import FILE, MicroserviceStates, apply_command
 from ism.device.virtual import Device
 from ism.errors import IsmError
 from ism.formats.command import MAX_COMMAND_SIZE
 
-__all__ = ["add_microservice_commands"]
+__all__ = ["LifecycleWatch", "add_microservice_commands"]
+
+if TYPE_CHECKING:
+    from ism.runtime import Runtime
 
 Add = Callable[..., argparse.ArgumentParser]
+
+
+class LifecycleWatch:
+    """For ``ism device run``: applies lifecycle commands given to the running device from another process.
+
+    :meth:`check` (between two supervisor steps) looks at ``DIR/state/microservices.cose``
+    and, when it changed, calls :meth:`ism.runtime.Runtime.apply_lifecycle`.
+    """
+
+    def __init__(self, runtime: Runtime, quiet: bool = False) -> None:
+        self.runtime = runtime
+        self.quiet = quiet
+        self.path = runtime.device.root / "state" / FILE
+        self.stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def check(self) -> dict[str, list[str]] | None:
+        """Applies the stored lifecycle if the file changed; returns what changed (None: nothing to do)."""
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return None
+        self.stamp = stamp
+        try:
+            outcome = self.runtime.apply_lifecycle()
+        except IsmError as exc:
+            print(f"lifecycle not applied: {exc}", file=sys.stderr, flush=True)
+            return None
+        if not self.quiet and any(outcome.values()):
+            changes = ", ".join(f"{k}: {', '.join(v)}" for k, v in outcome.items() if v)
+            print(f"microservice lifecycle applied ({changes})", flush=True)
+        return outcome
 
 
 def _print(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:

@@ -50,6 +50,7 @@ from ism.crypto import cose
 from ism.crypto.keys import PublicKey, pem_from_der, read_public_pem, signer_id
 from ism.device._atomic import TMP_SUFFIX, atomic_remove, atomic_write, read_capped
 from ism.device.commands import authorise, counter_name
+from ism.device.microservices import MicroserviceStates
 from ism.errors import FormatError, IsmError, StateCorruptError, TrustError
 from ism.formats.command import Command, decode_command
 from ism.formats.lifecycle import Entry, Intent, LogBody, check_chain, check_transition, decode_log, encode_log, genesis
@@ -273,6 +274,8 @@ def _effects(device: Device, intent: Intent) -> None:
         path = (device.root / name).resolve()
         if path.parent.is_relative_to(root) and not path.is_dir():
             atomic_remove(path, device.faults)
+    if intent.entry.event == "factory-reset":
+        MicroserviceStates(device).factory_reset()  # every microservice but the banned ones: removed
     if intent.keys or intent.files:
         device.close()  # the key store is opened afresh: the software store's root key may be gone
 

@@ -55,6 +55,7 @@ from ism.device.commands import authorise, consume
 from ism.errors import IsmError, StateCorruptError, TrustError
 from ism.formats import cbor, suit
 from ism.formats.command import Command
+from ism.formats.lifecycle import require as require_state
 from ism.formats.package import claimed_identity
 
 if TYPE_CHECKING:
@@ -104,7 +105,10 @@ FORMAT: Final = 1
 MAX_FILE: Final = 1024 * 1024
 #: most records the file holds (bans are kept for ever)
 MAX_RECORDS: Final = 4096
+#: largest package read for its claimed name (as secure boot's cap)
+MAX_PACKAGE: Final = 16 * 1024 * 1024
 MAX_REASON: Final = 128
+MAX_NAME: Final = 64
 _RESTRICTING: Final = NOT_STARTED
 #: the rule a boot refusal or hold names, by state
 _RULES: Final = {
@@ -135,6 +139,8 @@ class Record:
     command: bytes | None = None
     #: a removal or ban whose erasure is not finished yet
     pending: bool = False
+    #: the package name its envelope claimed when the record was written (kept after removal; reports only)
+    name: str | None = None
 
     def encode(self) -> dict[int, Any]:
         out: dict[int, Any] = {1: self.state, 2: self.since, 3: self.reason}
@@ -142,13 +148,18 @@ class Record:
             out[4] = self.command
         if self.pending:
             out[5] = True
+        if self.name is not None:
+            out[6] = self.name
         return out
 
     @classmethod
     def decode(cls, raw: Any) -> Record:
-        if not isinstance(raw, dict) or not set(raw) <= {1, 2, 3, 4, 5} or not {1, 2, 3} <= set(raw):
+        if not isinstance(raw, dict) or not set(raw) <= {1, 2, 3, 4, 5, 6} or not {1, 2, 3} <= set(raw):
             raise ValueError("record keys")
         state, since, reason, command, pending = raw[1], raw[2], raw[3], raw.get(4), raw.get(5, False)
+        name = raw.get(6)
+        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= MAX_NAME):
+            raise ValueError("record name")
         if state not in STATES or not isinstance(reason, str) or len(reason) > MAX_REASON:
             raise ValueError("record state or reason")
         if not isinstance(since, int) or isinstance(since, bool) or since < 0:
@@ -157,7 +168,7 @@ class Record:
             raise ValueError("record command digest")
         if not isinstance(pending, bool) or (pending and state not in ERASED):
             raise ValueError("record pending flag")
-        return cls(state, since, reason, command, pending)
+        return cls(state, since, reason, command, pending, name)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -230,6 +241,7 @@ class MicroserviceStates:
     # -- the file ---------------------------------------------------------------------------------
 
     def _read(self) -> tuple[int, int, dict[str, Record]]:
+        require_state(self.device.lifecycle_state, "manage its microservices")
         counter = self.device.counters().get(COUNTER, 0)
         try:
             data = read_capped(self.path, MAX_FILE)
@@ -284,20 +296,34 @@ class MicroserviceStates:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def _update(self, change: Callable[[dict[str, Record]], tuple[str, Record] | None]) -> Record | None:
+    def _update(self, change: Callable[[dict[str, Record]], tuple[str, Record] | None]) -> None:
         """Read, ``change`` (returns the one record to set, or None for no write), write; under the lock."""
+
+        def one(records: dict[str, Record]) -> dict[str, Record]:
+            changed = change(records)
+            return {} if changed is None else {changed[0]: changed[1]}
+
+        self._update_many(one)
+
+    def _update_many(self, change: Callable[[dict[str, Record]], dict[str, Record]], raise_floor: bool = True) -> None:
+        """Read, ``change`` (returns the records to set; none: no write), write once; under the lock.
+
+        A write that restricts a microservice moves the floor and the counter, unless
+        ``raise_floor`` is False: an older copy of the file could then restrict no less.
+        """
         with self._locked():
             generation, floor, records = self._read()
             changed = change(records)
-            if changed is None:
+            if not changed:
                 self._records = records
-                return None
-            key, record = changed
-            old = records.get(key)
-            records[key] = record
+                return
+            restricting = raise_floor and any(
+                r.state in _RESTRICTING and (k not in records or records[k].state != r.state)
+                for k, r in changed.items()
+            )
+            records.update(changed)
             if len(records) > MAX_RECORDS:
                 raise LifecycleError("ms-lifecycle.full", f"the device keeps at most {MAX_RECORDS} lifecycle records")
-            restricting = record.state in _RESTRICTING and (old is None or old.state != record.state)
             generation += 1
             if restricting:
                 floor = generation
@@ -306,7 +332,6 @@ class MicroserviceStates:
             self._records = records
             if restricting:
                 self.device.advance_counter(COUNTER, floor)
-            return record
 
     # -- transitions ------------------------------------------------------------------------------
 
@@ -333,7 +358,7 @@ class MicroserviceStates:
                 return None
             current = old.state if old is not None else ("installed" if self._has_package(key) else None)
             target = next_state(current, action, key)
-            new = Record(target, int(self.clock()), reason, command, pending=target in ERASED)
+            new = Record(target, int(self.clock()), reason, command, target in ERASED, self._name(key, old))
             result.append(new)
             return key, new
 
@@ -342,6 +367,18 @@ class MicroserviceStates:
 
     def _has_package(self, key: str) -> bool:
         return self.device.package_path(key).is_file()
+
+    def _identity(self, key: str) -> dict[str, Any]:
+        """What the stored package's envelope claims (name, version), for reports; empty if none."""
+        with contextlib.suppress(IsmError, OSError):
+            return claimed_identity(suit.parse_envelope(read_capped(self.device.package_path(key), MAX_PACKAGE)))
+        return {}
+
+    def _name(self, key: str, old: Record | None) -> str | None:
+        name = self._identity(key).get("name")
+        if isinstance(name, str) and 0 < len(name) <= MAX_NAME:
+            return name
+        return old.name if old is not None else None
 
     def check_install(self, ms: uuidlib.UUID | str) -> None:
         """Refuses to install a banned microservice (before anything is written).
@@ -375,7 +412,7 @@ class MicroserviceStates:
             if old is not None and (old.state != "removed" or old.pending):
                 return None
             reason = "install" if old is None else "reinstall"
-            return str(ms), Record("installed", int(self.clock()), reason)
+            return str(ms), Record("installed", int(self.clock()), reason, name=self._name(str(ms), old))
 
         self._update(change)
 
@@ -386,7 +423,7 @@ class MicroserviceStates:
             old = records.get(str(ms))
             if old is not None and old.state != "installed":
                 return None
-            return str(ms), Record("active", int(self.clock()), "first start")
+            return str(ms), Record("active", int(self.clock()), "first start", name=self._name(str(ms), old))
 
         self._update(change)
 
@@ -438,6 +475,26 @@ class MicroserviceStates:
 
         self._update(change)
 
+    def factory_reset(self) -> None:
+        """After a factory reset (packages, storage and keys erased): every microservice is ``removed``.
+
+        Bans stay (the store's decision outlives a reset), as do the anti-rollback
+        counters; a microservice installed again starts ``installed``. Idempotent:
+        a reset that a power cut interrupted calls it again. The ``ms-lifecycle``
+        counter does not move: the file from before the reset holds every restriction
+        the reset keeps (the bans), so putting it back frees nothing.
+        """
+        now = int(self.clock())
+
+        def change(records: dict[str, Record]) -> dict[str, Record]:
+            return {
+                k: Record("removed", now, "factory reset", name=r.name)
+                for k, r in records.items()
+                if r.state != "banned" and (r.state != "removed" or r.pending)
+            }
+
+        self._update_many(change, raise_floor=False)
+
     def roll_forward(self, erase: Eraser) -> list[str]:
         """Finishes every removal or ban a power cut interrupted; returns the UUIDs it finished."""
         pending = [k for k, r in self.load().items() if r.pending]
@@ -453,15 +510,10 @@ class MicroserviceStates:
         out = []
         for key in sorted(set(records) | set(self.device.installed())):
             record = records.get(key)
-            identity: dict[str, Any] = {}
-            if self._has_package(key):
-                with contextlib.suppress(IsmError, OSError):
-                    identity = claimed_identity(
-                        suit.parse_envelope(read_capped(self.device.package_path(key), 16 * 1024 * 1024))
-                    )
+            identity = self._identity(key)
             entry: dict[str, Any] = {
                 "uuid": key,
-                "name": identity.get("name"),
+                "name": identity.get("name") or (record.name if record is not None else None),
                 "version": identity.get("version"),
                 "package": self._has_package(key),
             }
@@ -517,7 +569,9 @@ def apply_command(device: Device, data: bytes, erase: Eraser) -> tuple[Command, 
         FormatError, UsageError, UntrustedSignerError, SignatureError, TrustError, RollbackError:
             ``command.*`` (see :func:`ism.device.commands.authorise`).
         LifecycleError: ``ms-lifecycle.*`` (an illegal transition).
+        TrustError: ``lifecycle.decommissioned``.
     """
+    require_state(device.lifecycle_state, "take a microservice command")
     command = authorise(device, data, "microservice")
     ms = uuidlib.UUID(bytes=command.args["uuid"])
     action = str(command.args["action"])

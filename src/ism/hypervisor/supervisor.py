@@ -303,6 +303,35 @@ class Supervisor:
             ms.faults.clear()
             self._start(ms)
 
+    def hold(self, name: str, quarantine: bool = False) -> None:
+        """Stops a microservice from outside, between two steps (its lifecycle changed): stopped or quarantined.
+
+        Raises:
+            UsageError: ``supervisor.busy`` if called while a microservice is running.
+        """
+        if any(ms.active for ms in self.microservices.values()):
+            raise UsageError("supervisor.busy", "a microservice can be held only between steps")
+        ms = self.by_name[name]
+        if ms.sandbox is not None:
+            ms.sandbox.close()
+        ms.sandbox = None
+        ms.handles.clear()
+        ms.state = State.QUARANTINED if quarantine else State.STOPPED
+
+    def admit(self, image: Image, policy: MicroservicePolicy) -> bool:
+        """Manages and starts a microservice that was not running (e.g. resumed on a running device).
+
+        Returns:
+            False if it is already managed, or does not compile (a record says why).
+        """
+        if image.uuid in self.microservices or policy.name in self.by_name:
+            return False
+        ms = self._admit(image, policy)
+        if ms is None:
+            return False
+        self._start(ms)
+        return True
+
     def apply_policy(self, policies: Mapping[uuidlib.UUID, MicroservicePolicy]) -> dict[str, list[str]]:
         """Swaps in a new policy between two steps: no activation ever runs under half of it.
 
