@@ -38,7 +38,7 @@ lint: $(TEST_STAMP)
 unit: $(TEST_STAMP) examples
 	$(BIN)/pytest -q
 
-BENCHMARKS := boot cose hostcall gateway density services attest
+BENCHMARKS := boot cose hostcall gateway density services attest ms_lifecycle
 
 bench: $(TEST_STAMP)
 	@for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done

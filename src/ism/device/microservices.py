@@ -42,7 +42,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import hashlib
+import re
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -109,6 +111,9 @@ MAX_RECORDS: Final = 4096
 MAX_PACKAGE: Final = 16 * 1024 * 1024
 MAX_REASON: Final = 128
 MAX_NAME: Final = 64
+_RECORD_KEYS: Final = frozenset({1, 2, 3, 4, 5, 6})
+_RECORD_REQUIRED: Final = frozenset({1, 2, 3})
+_CANONICAL_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _RESTRICTING: Final = NOT_STARTED
 #: the rule a boot refusal or hold names, by state
 _RULES: Final = {
@@ -154,7 +159,7 @@ class Record:
 
     @classmethod
     def decode(cls, raw: Any) -> Record:
-        if not isinstance(raw, dict) or not set(raw) <= {1, 2, 3, 4, 5, 6} or not {1, 2, 3} <= set(raw):
+        if not isinstance(raw, dict) or not raw.keys() <= _RECORD_KEYS or not raw.keys() >= _RECORD_REQUIRED:
             raise ValueError("record keys")
         state, since, reason, command, pending = raw[1], raw[2], raw[3], raw.get(4), raw.get(5, False)
         name = raw.get(6)
@@ -178,6 +183,12 @@ class Record:
             "command": self.command.hex() if self.command is not None else None,
             "pending_erase": self.pending,
         }
+
+
+@functools.lru_cache(maxsize=MAX_RECORDS)
+def _encoded(record: Record) -> cbor.Raw:
+    """A record's deterministic CBOR (records rarely change between two writes: encoded once)."""
+    return cbor.Raw(cbor.dumps(record.encode()))
 
 
 def next_state(current: str | None, action: str, subject: str | None = None) -> str:
@@ -327,8 +338,10 @@ class MicroserviceStates:
             generation += 1
             if restricting:
                 floor = generation
-            body = {1: FORMAT, 2: generation, 3: floor, 4: {k: v.encode() for k, v in sorted(records.items())}}
-            atomic_write(self.path, cose.mac0(cbor.dumps(body), self.device.state_mac_key), self.device.faults)
+            body = {1: FORMAT, 2: generation, 3: floor, 4: {k: _encoded(v) for k, v in records.items()}}
+            payload = cbor.dumps(body)
+            atomic_write(self.path, cose.mac0(payload, self.device.state_mac_key), self.device.faults)
+            _remember(payload, generation, floor, records)
             self._records = records
             if restricting:
                 self.device.advance_counter(COUNTER, floor)
@@ -534,11 +547,25 @@ def _granted_keys(device: Device, ms: str) -> list[str]:
     return sorted(entry.keys) if entry is not None else []
 
 
+#: the last payload decoded after its MAC verified, or written (boot, attestation and the runtime read
+#: the same file; a transition reads what the one before wrote)
+_last_decoded: tuple[bytes, int, int, dict[str, Record]] | None = None
+
+
+def _remember(payload: bytes, generation: int, floor: int, records: dict[str, Record]) -> None:
+    global _last_decoded
+    _last_decoded = (payload, generation, floor, dict(records))
+
+
 def _open(data: bytes, key: bytes) -> tuple[int, int, dict[str, Record]]:
     try:
         msg = cose.parse(data, expect="mac0")
         cose.verify_mac0(msg, key)
-        body = cbor.loads(msg.payload or b"")
+        payload = msg.payload or b""
+        last = _last_decoded
+        if last is not None and last[0] == payload:
+            return last[1], last[2], dict(last[3])
+        body = cbor.loads(payload)
     except IsmError as exc:
         raise StateCorruptError(
             "state.ms-lifecycle", "the microservice lifecycle file fails its integrity check"
@@ -551,12 +578,13 @@ def _open(data: bytes, key: bytes) -> tuple[int, int, dict[str, Record]]:
             raise ValueError("generation")
         if floor > generation or not isinstance(raw, dict) or len(raw) > MAX_RECORDS:
             raise ValueError("records")
-        records = {str(uuidlib.UUID(k)): Record.decode(v) for k, v in raw.items() if isinstance(k, str)}
-        if len(records) != len(raw):
-            raise ValueError("record keys")
+        if not all(isinstance(k, str) and _CANONICAL_UUID.fullmatch(k) for k in raw):
+            raise ValueError("record keys: canonical UUIDs")
+        records = {k: Record.decode(v) for k, v in raw.items()}
     except (ValueError, TypeError, AttributeError) as exc:
         raise StateCorruptError("state.ms-lifecycle", f"the microservice lifecycle file is malformed ({exc})") from exc
-    return generation, floor, records
+    _remember(payload, generation, floor, records)
+    return generation, floor, dict(records)
 
 
 def apply_command(device: Device, data: bytes, erase: Eraser) -> tuple[Command, Record]:

@@ -265,7 +265,7 @@ class Supervisor:
             self.record(
                 ms.image,
                 "supervisor.crash-loop",
-                f"{count} faults within {restart.window:g} s; quarantined until an operator or an update releases it",
+                f"{count} faults within {restart.window:g} s; quarantined until an authorised 'release' command",
                 count,
                 "quarantined",
             )
