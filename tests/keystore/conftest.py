@@ -22,7 +22,7 @@ from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
 from ism.crypto.keystore.software import MemoryKeyFiles, SoftwareKeyStore
 from ism.crypto.keystore.tpm import TpmKeyStore
 
-BACKENDS = ("software", "pkcs11", "tpm")
+BACKENDS = ("software", "pkcs11", "pkcs11_ns", "tpm")
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +41,14 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
 def pkcs11_store(softhsm: SoftHsm) -> Iterator[Pkcs11KeyStore]:
     """One logged-in store on the test token for the whole session (tests use unique key ids)."""
     store = Pkcs11KeyStore(softhsm.module, softhsm.label, softhsm.pin)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def pkcs11_ns_store(softhsm: SoftHsm) -> Iterator[Pkcs11KeyStore]:
+    """A store confined to a namespace of the same token, as a device's is (labels ``conformance/<key id>``)."""
+    store = Pkcs11KeyStore(softhsm.module, softhsm.label, softhsm.pin, namespace="conformance")
     yield store
     store.close()
 
@@ -71,7 +79,7 @@ def software_store() -> SoftwareKeyStore:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> KeyStore:
-    """Each backend in turn: the conformance suite runs once per backend."""
+    """Each backend in turn: the conformance suite runs once per backend (PKCS#11 with and without a namespace)."""
     store: KeyStore = request.getfixturevalue(f"{request.param}_store")
     return store
 

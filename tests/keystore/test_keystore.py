@@ -1,7 +1,8 @@
 """The KeyStore conformance suite (software, PKCS#11 and TPM backends alike) and the PKCS#11 edge cases.
 
 Every test taking ``backend`` runs against :class:`SoftwareKeyStore`,
-against :class:`Pkcs11KeyStore` on a real SoftHSM2 token and against
+against :class:`Pkcs11KeyStore` on a real SoftHSM2 token (with and without a
+namespace) and against
 :class:`TpmKeyStore` on swtpm; the cross-backend tests import the same
 material into both and require identical results.
 """
@@ -654,3 +655,83 @@ def test_token_checks_the_pin_in_a_fresh_process(softhsm: SoftHsm, pkcs11_store:
     # the key is on the token: another process signs with it, this one verifies
     signature = bytes.fromhex(run_child(softhsm, softhsm.pin, key_id))
     pkcs11_store.verify(key_id, b"from the child", signature)
+
+
+# -- PKCS#11 namespaces: stores sharing one token ---------------------------------------------------
+
+
+def namespaced(softhsm: SoftHsm, namespace: str) -> Pkcs11KeyStore:
+    return Pkcs11KeyStore(softhsm.module, softhsm.label, softhsm.pin, namespace=namespace)
+
+
+def unique_namespace(name: str) -> str:
+    return f"{name}-{os.urandom(4).hex()}"
+
+
+def test_namespaces_keep_keys_with_the_same_id_apart(
+    softhsm: SoftHsm, pkcs11_store: Pkcs11KeyStore, token_session: pkcs11.Session, new_id: NewId
+) -> None:
+    key_id, ns_a, ns_b = new_id("same-id"), unique_namespace("a"), unique_namespace("b")
+    with namespaced(softhsm, ns_a) as a, namespaced(softhsm, ns_b) as b:
+        a.generate(key_id, "ecc-p256")
+        for other in (b, pkcs11_store):  # another namespace, and the bare labels of the layout before namespaces
+            assert not other.exists(key_id)
+            with raises_rule(UsageError, "keystore.missing"):
+                other.sign(key_id, MESSAGE)
+            other.destroy(key_id)  # nothing of its own to destroy, and a's key is not its
+        assert a.exists(key_id)
+        b.generate(key_id, "ecc-p256")  # not keystore.exists: the id is free in b
+        pkcs11_store.generate(key_id, "ecc-p256")
+        assert len({a.public_key(key_id), b.public_key(key_id), pkcs11_store.public_key(key_id)}) == 3
+        with raises_rule(SignatureError, "keystore.signature"):
+            a.verify(key_id, MESSAGE, b.sign(key_id, MESSAGE))
+        labels = {f"{ns_a}/{key_id}": 2, f"{ns_b}/{key_id}": 2, key_id: 2}  # a private and a public object each
+        for label, objects in labels.items():
+            assert len(list(token_session.get_objects({pkcs11.Attribute.LABEL: label}))) == objects, label
+        b.destroy(key_id)
+        assert not b.exists(key_id)
+        a.verify(key_id, MESSAGE, a.sign(key_id, MESSAGE))
+        pkcs11_store.verify(key_id, MESSAGE, pkcs11_store.sign(key_id, MESSAGE))
+        # derive replaces the new id in its own namespace only
+        source, target = new_id("ns-source"), new_id("ns-target")
+        for store in (a, b):
+            store.generate(source, "hmac-sha256")
+        a.generate(target, "aes-256")
+        sealed = a.encrypt(target, NONCE, MESSAGE, b"")
+        b.derive(source, b"info", target, "aes-256")
+        assert a.decrypt(target, NONCE, sealed, b"") == MESSAGE
+        assert b.encrypt(target, NONCE, MESSAGE, b"") != sealed
+        for store in (a, b, pkcs11_store):
+            store.destroy(key_id)
+        assert a.exists(target)
+        assert b.exists(target)
+    assert not list(token_session.get_objects({pkcs11.Attribute.LABEL: f"{ns_a}/{key_id}"}))
+
+
+def test_a_key_id_cannot_name_another_namespace(softhsm: SoftHsm, pkcs11_store: Pkcs11KeyStore, new_id: NewId) -> None:
+    key_id, ns_a, ns_b = new_id("victim"), unique_namespace("a"), unique_namespace("b")
+    with namespaced(softhsm, ns_a) as a, namespaced(softhsm, ns_b) as b:
+        b.generate(key_id, "hmac-sha256")
+        forged = (f"{ns_b}/{key_id}", f"../{ns_b}/{key_id}", f"~ism-tmp~{ns_b}/{key_id}", f"{ns_b}%2f{key_id}")
+        for store in (a, pkcs11_store):
+            for forgery in forged:
+                for attempt in (store.exists, store.destroy, store.key_type):
+                    with pytest.raises(UsageError) as info:
+                        attempt(forgery)
+                    assert info.value.rule in ("keystore.key-id", "keystore.missing"), forgery
+        assert b.mac(key_id, MESSAGE)
+
+
+def test_the_longest_namespace_and_key_id_fit_a_label(softhsm: SoftHsm) -> None:
+    key_id = ("k" + os.urandom(8).hex()).ljust(96, "x")  # the longest key id; derive adds the temporary prefix
+    with namespaced(softhsm, os.urandom(8).hex()) as store:
+        store.generate(key_id, "hmac-sha256")
+        store.derive(key_id, b"info", key_id, "aes-256")  # replaces it under ~ism-tmp~<16>/<96>: 122 characters
+        assert store.key_type(key_id) == "aes-256"
+        store.destroy(key_id)
+
+
+@pytest.mark.parametrize("namespace", ["", "A", "a/b", "~a", "-a", ".a", "a b", "a" * 17, "ns/", "a\n", 7])
+def test_bad_namespaces_are_refused(softhsm: SoftHsm, namespace: object) -> None:
+    with raises_rule(UsageError, "keystore.namespace"):
+        Pkcs11KeyStore(softhsm.module, softhsm.label, softhsm.pin, namespace=namespace)  # type: ignore[arg-type]

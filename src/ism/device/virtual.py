@@ -296,6 +296,8 @@ class Device:
         if keystore is not None and keystore.get("backend") == "pkcs11":
             dev_cfg["keystore"] = "pkcs11"
             dev_cfg["pkcs11"] = {k: str(keystore[k]) for k in ("module", "token", "pin_file")}
+            # this device's part of the token: its objects are labelled <namespace>/<key id>
+            dev_cfg["pkcs11"]["namespace"] = hashlib.sha256(instance_id).hexdigest()[:16]
         elif keystore is not None and keystore.get("backend") == "tpm":
             nv_index = 0x01500000 + secrets.randbelow(0x10000)
             dev_cfg["keystore"] = "tpm"
@@ -921,7 +923,13 @@ def _open_tpm(config: dict[str, Any], root: Path) -> Any:
 
 
 def _open_pkcs11(config: dict[str, Any]) -> Any:
-    """The PKCS#11 key store a device configuration names (the PIN is read from its file)."""
+    """The PKCS#11 key store a device configuration names (the PIN is read from its file).
+
+    The store is confined to the configuration's ``namespace`` (set by :meth:`Device.init`: the
+    first 16 hex digits of SHA-256(instance ID)), so devices sharing a token never see each
+    other's keys. A configuration without one (a device.json made before namespaces) keeps the
+    bare key ids as labels, for backwards compatibility: such devices still share one token's keys.
+    """
     from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
 
     try:
@@ -929,7 +937,7 @@ def _open_pkcs11(config: dict[str, Any]) -> Any:
         module, token = str(config["module"]), str(config["token"])
     except (KeyError, TypeError, OSError) as exc:
         raise UsageError("device.keystore", f"pkcs11 key store configuration unusable: {exc}") from exc
-    return Pkcs11KeyStore(module, token, pin)
+    return Pkcs11KeyStore(module, token, pin, namespace=config.get("namespace"))
 
 
 def _refused(ms: str, path: Path, exc: IsmError) -> BootEntry:

@@ -7,7 +7,7 @@ PKCS#11 failure to an iSM error at this edge.
 Must not import: device, hypervisor or anything above.
 
 Threat: private and secret keys leaking from the host. Every key is a token
-object (``CKA_TOKEN``) whose ``CKA_LABEL`` is the key id; private and secret
+object (``CKA_TOKEN``) labelled as below; private and secret
 keys are created ``CKA_SENSITIVE`` and not ``CKA_EXTRACTABLE``, so the token
 refuses to export them, even wrapped. Generated keys (and the private key
 of a generated pair) never leave the token; signing, verification,
@@ -15,11 +15,28 @@ AES-GCM, HMAC and ECDH run inside it. What an attacker with the host's memory
 could still learn is listed per operation below; a stolen key file is no
 threat here because there is none (the token's own storage protects it).
 
+Threat: several devices (or other users) sharing one token, each reading,
+replacing or destroying another's keys. A store has a *namespace*: its
+objects' ``CKA_LABEL`` is ``<namespace>/<key id>`` (e.g.
+``3f2a9c0d1b4e5f60/device.iak``), and it only ever finds, replaces and
+destroys objects whose label is exactly that. Neither a key id
+(:func:`~ism.crypto.keystore.check_key_id`) nor a namespace may contain
+``/`` (nor ``~``, which marks temporary labels), so no key id of one
+namespace can name an object of another, and a store without a namespace,
+whose labels are the bare key id (kept for devices created before
+namespaces), never sees a namespaced object. A namespace is at most 16
+characters, so the longest label, a temporary one
+(``~ism-tmp~<namespace>/<key id>``: 9 + 16 + 1 + 96 characters), is 122
+bytes (some HSMs limit label lengths; PKCS#11 itself does not). ``CKA_ID`` is
+not used: it is left empty and never searched. Another PKCS#11 client logged in
+to the same token can of course still reach every object: the namespace
+separates iSM devices, it is no access control (that is the token's PIN).
+
 Objects per key type (the iSM type is inferred from class and key type,
 never stored):
 
 ===============  ============================================================  ==========================
-iSM type         token objects labelled with the key id                        mechanism
+iSM type         token objects labelled ``<namespace>/<key id>``               mechanism
 ===============  ============================================================  ==========================
 ``ecc-p256``     ``CKO_PRIVATE_KEY`` + ``CKO_PUBLIC_KEY``, ``CKK_EC`` (P-256)  ``CKM_ECDSA`` over SHA-256,
                  (the private key ``CKA_SIGN`` and ``CKA_DERIVE``)             ``CKM_ECDH1_DERIVE``
@@ -67,7 +84,8 @@ constant time against the one the token accepted, since ``C_Login`` cannot
 check it again while logged in. The last store to :meth:`Pkcs11KeyStore.close`
 logs out.
 
-Errors: module not loadable or token not found → ``keystore.unavailable``;
+Errors: a namespace that is not one → ``keystore.namespace``;
+module not loadable or token not found → ``keystore.unavailable``;
 wrong or locked PIN → ``keystore.locked``; no such key → ``keystore.missing``;
 a peer key that is not a P-256 SubjectPublicKeyInfo with its point on the
 curve → ``keystore.peer-key``;
@@ -82,6 +100,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -106,8 +125,12 @@ _SIZES: Final = {"aes-256": 32, "hmac-sha256": 32}
 #: HKDF-Extract with no salt is HMAC keyed with 32 zero bytes: its padded key xor ipad / opad.
 _IPAD0: Final = b"\x36" * 64
 _OPAD0: Final = b"\x5c" * 64
-#: Label prefix of an object being derived; "~" cannot occur in a key id.
+#: Label prefix of an object being derived; "~" cannot occur in a key id or a namespace.
 _TMP_PREFIX: Final = "~ism-tmp~"
+#: Between a store's namespace and the key id in a label; "/" cannot occur in a key id or a namespace.
+_NAMESPACE_SEPARATOR: Final = "/"
+#: Key-id characters, at most 16: ``~ism-tmp~`` + namespace + ``/`` + a 96-character key id is 122 bytes.
+_NAMESPACE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,15}\Z")
 #: The ECDH shared secret: the X coordinate of a P-256 point.
 _ECDH_SIZE: Final = 32
 #: The session object an ECDH derives into: no usage, and readable (the one way to get a derived value out).
@@ -180,17 +203,31 @@ class Pkcs11KeyStore:
         module_path: the PKCS#11 module (``.so``), e.g. SoftHSM2's ``libsofthsm2.so``.
         token_label: the label of the token to use (``CKA_LABEL`` of the token).
         pin: the token's user PIN.
+        namespace: this store's part of the token (1-16 lower-case letters, digits, ``.``,
+            ``_`` and ``-``): its objects are labelled ``<namespace>/<key id>`` and it sees no
+            other object. ``None`` (the default) is the layout before namespaces, kept for
+            backwards compatibility: labels are the bare key id, shared by every such store on
+            the token.
 
     Raises:
         PlatformError: ``keystore.unavailable`` if the module cannot be loaded or
             has no such token; ``keystore.locked`` if the PIN is wrong or locked.
+        UsageError: ``keystore.namespace`` if ``namespace`` is not a valid namespace.
     """
 
     backend = "pkcs11"
 
-    def __init__(self, module_path: str, token_label: str, pin: str) -> None:
+    def __init__(self, module_path: str, token_label: str, pin: str, namespace: str | None = None) -> None:
+        if namespace is not None and (not isinstance(namespace, str) or not _NAMESPACE.match(namespace)):
+            raise UsageError(
+                "keystore.namespace",
+                "key store namespaces are 1-16 lower-case letters, digits, '.', '_' and '-'",
+                got=namespace,
+            )
         self.module_path = module_path
         self.token_label = token_label
+        self.namespace = namespace
+        self._prefix = "" if namespace is None else namespace + _NAMESPACE_SEPARATOR
         self._lock = threading.RLock()
         self._closed = False
         where = f"token {token_label!r} in PKCS#11 module {module_path}"
@@ -278,8 +315,12 @@ class Pkcs11KeyStore:
             except p11.PKCS11Error as exc:
                 raise _map_error(exc, what, key_id) from exc
 
+    def _label(self, key_id: str) -> str:
+        """The ``CKA_LABEL`` of this store's objects for ``key_id`` (a checked key id)."""
+        return self._prefix + key_id
+
     def _objects(self, key_id: str) -> list[Any]:
-        found = self._session.get_objects({Attribute.LABEL: key_id, Attribute.TOKEN: True})
+        found = self._session.get_objects({Attribute.LABEL: self._label(key_id), Attribute.TOKEN: True})
         return [obj for obj in found if obj[Attribute.CLASS] in _KEY_CLASSES]
 
     def _find(self, key_id: str) -> tuple[KeyType, Any, Any]:
@@ -329,15 +370,16 @@ class Pkcs11KeyStore:
         check_key_type(key_type)
         with self._token("generate a key", key_id):
             self._refuse_existing(key_id)
+            label = self._label(key_id)
             if key_type == "ecc-p256":
                 # One C_GenerateKeyPair call: both objects are created or neither.
                 self._session.generate_keypair(
                     P11KeyType.EC,
                     mechanism=Mechanism.EC_KEY_PAIR_GEN,
                     store=True,
-                    label=key_id,
-                    public_template=_public_template(key_id),
-                    private_template=_private_template(key_id),
+                    label=label,
+                    public_template=_public_template(label),
+                    private_template=_private_template(label),
                 )
             else:
                 kind, capabilities = _secret_kind(key_type)
@@ -345,8 +387,8 @@ class Pkcs11KeyStore:
                     kind,
                     _SIZES[key_type] * 8,
                     store=True,
-                    label=key_id,
-                    template=_secret_template(key_id) | capabilities,
+                    label=label,
+                    template=_secret_template(label) | capabilities,
                 )
 
     def import_key(self, key_id: str, key_type: KeyType, material: bytes) -> None:
@@ -360,11 +402,12 @@ class Pkcs11KeyStore:
             )
             with self._token("import a key", key_id):
                 self._refuse_existing(key_id)
+                label = self._label(key_id)
                 private = self._session.create_object(
-                    _private_template(key_id) | {Attribute.EC_PARAMS: _P256_PARAMS, Attribute.VALUE: scalar}
+                    _private_template(label) | {Attribute.EC_PARAMS: _P256_PARAMS, Attribute.VALUE: scalar}
                 )
                 try:
-                    self._session.create_object(_public_template(key_id) | {Attribute.EC_POINT: _octet_string(point)})
+                    self._session.create_object(_public_template(label) | {Attribute.EC_POINT: _octet_string(point)})
                 except BaseException:
                     private.destroy()
                     raise
@@ -373,7 +416,7 @@ class Pkcs11KeyStore:
             raise FormatError("keystore.import", f"a {key_type} key is {_SIZES[key_type]} bytes", got=len(material))
         with self._token("import a key", key_id):
             self._refuse_existing(key_id)
-            self._create_secret(key_id, key_type, bytes(material))
+            self._create_secret(self._label(key_id), key_type, bytes(material))
 
     def exists(self, key_id: str) -> bool:
         check_key_id(key_id)
@@ -534,7 +577,7 @@ class Pkcs11KeyStore:
 
     def _replace_secret(self, key_id: str, key_type: KeyType, value: bytes) -> None:
         """Stores ``value`` under ``key_id``, replacing what is there, never leaving neither."""
-        temporary = _TMP_PREFIX + key_id
+        temporary = _TMP_PREFIX + self._label(key_id)
         for stale in self._session.get_objects({Attribute.LABEL: temporary, Attribute.TOKEN: True}):
             stale.destroy()  # left by an earlier interrupted derive
         new = self._create_secret(temporary, key_type, value)
@@ -544,7 +587,7 @@ class Pkcs11KeyStore:
         except BaseException:
             new.destroy()
             raise
-        new[Attribute.LABEL] = key_id
+        new[Attribute.LABEL] = self._label(key_id)
 
 
 # -- helpers --------------------------------------------------------------------------------------
