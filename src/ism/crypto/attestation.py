@@ -21,6 +21,7 @@ worst of them.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 from collections.abc import Callable, Iterable
@@ -88,20 +89,39 @@ def sign_token(claims: Claims, key: PrivateKey | Signer, *, kid: bytes | None = 
 
 def sign_payload(payload: bytes, key: PrivateKey | Signer, *, kid: bytes | None = None) -> bytes:
     """:func:`sign_token` for an already encoded claims-set (the caller vouches for its claims)."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
+    if not callable(key):  # a key object (key objects are not callable; a signer is a function)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise UsageError("attest.key", "attestation keys are P-256 (ES256)", got=type(key).__name__)
         if not isinstance(key.curve, ec.SECP256R1):
             raise UsageError("attest.key", "attestation keys are P-256 (ES256)", got=key.curve.name)
         return cose.sign1(payload, key, kid=kid)
-    if not callable(key):
-        raise UsageError("attest.key", "attestation keys are P-256 (ES256)", got=type(key).__name__)
+    to_be_signed, message = _sign1_prefixes(kid)
+    encoded_payload = cbor.dumps(payload)
+    signature = key(to_be_signed + encoded_payload)
+    if not isinstance(signature, bytes) or len(signature) != 64:
+        raise UsageError("attest.key", "an ES256 signer must return r||s (64 bytes)")
+    return b"".join((message, encoded_payload, _SIGNATURE_HEAD, signature))
+
+
+#: The head of a 64-byte byte string: an ES256 signature r||s in a COSE_Sign1.
+_SIGNATURE_HEAD: Final = cbor.dumps(bytes(64))[:2]
+
+
+@functools.lru_cache(maxsize=64)
+def _sign1_prefixes(kid: bytes | None) -> tuple[bytes, bytes]:
+    """What precedes the encoded payload in the ES256 ToBeSigned and in the tagged COSE_Sign1 for ``kid``.
+
+    ``cbor.dumps(["Signature1", protected, b"", payload])`` and
+    ``cbor.dumps(Tag(18, [protected, {}, payload, signature]))``, written out: only the payload
+    and the signature change between tokens.
+    """
     header: dict[int, Any] = {cose.HDR_ALG: cose.ALG_ES256}
     if kid is not None:
         header[cose.HDR_KID] = kid
     protected = cbor.dumps(header)
-    signature = key(cbor.dumps(["Signature1", protected, b"", payload]))
-    if not isinstance(signature, bytes) or len(signature) != 64:
-        raise UsageError("attest.key", "an ES256 signer must return r||s (64 bytes)")
-    return cbor.dumps(cbor.Tag(cose.TAG_SIGN1, [protected, {}, payload, signature]))
+    to_be_signed = b"\x84" + cbor.dumps("Signature1") + cbor.dumps(protected) + cbor.dumps(b"")
+    message = bytes([0xC0 | cose.TAG_SIGN1, 0x84]) + cbor.dumps(protected) + cbor.dumps({})
+    return to_be_signed, message
 
 
 def mac_token(claims: Claims, key: bytes | Maccer) -> bytes:

@@ -65,6 +65,8 @@ HDR_KID: Final = 4
 _SIGN_ALGS: Final = {ALG_ES256: "ES256", ALG_ESP256: "ESP256", ALG_EDDSA: "EdDSA"}
 _MAC_ALGS: Final = {ALG_HMAC256: hashlib.sha256, ALG_HMAC384: hashlib.sha384, ALG_HMAC512: hashlib.sha512}
 _UNDERSTOOD_LABELS: Final = frozenset({HDR_ALG, HDR_CRIT, HDR_CONTENT_TYPE, HDR_KID})
+#: ES256's signature algorithm object (immutable), made once rather than for every signature.
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 
 Kind = Literal["sign1", "mac0"]
 
@@ -171,8 +173,13 @@ def _content(msg: CoseMessage, detached: bytes | None) -> bytes:
     return content
 
 
+_CONTEXTS: Final = {context: cbor.dumps(context) for context in ("Signature1", "MAC0")}
+
+
 def _tbs(context: str, protected: bytes, aad: bytes, payload: bytes) -> bytes:
-    return cbor.dumps([context, protected, aad, payload])
+    """``cbor.dumps([context, protected, aad, payload])``, written out: it runs for every signature."""
+    encoded = _CONTEXTS.get(context) or cbor.dumps(context)
+    return b"".join((b"\x84", encoded, cbor.dumps(protected), cbor.dumps(aad), cbor.dumps(payload)))
 
 
 def verify_sign1(msg: CoseMessage, key: PublicKey, *, detached_payload: bytes | None = None, aad: bytes = b"") -> None:
@@ -194,7 +201,7 @@ def verify_sign1(msg: CoseMessage, key: PublicKey, *, detached_payload: bytes | 
             if len(msg.tag) != 64:
                 raise SignatureError("cose.signature", "ES256 signature must be 64 bytes", got=len(msg.tag))
             der = encode_dss_signature(int.from_bytes(msg.tag[:32], "big"), int.from_bytes(msg.tag[32:], "big"))
-            key.verify(der, tbs, ec.ECDSA(hashes.SHA256()))
+            key.verify(der, tbs, _ECDSA_SHA256)
         else:
             if not isinstance(key, ed25519.Ed25519PublicKey):
                 raise SignatureError("cose.alg-key", "EdDSA needs an Ed25519 key")
@@ -239,7 +246,7 @@ def sign1(
     protected_bytes = cbor.dumps(header)
     tbs = _tbs("Signature1", protected_bytes, aad, payload)
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        r, s = decode_dss_signature(key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+        r, s = decode_dss_signature(key.sign(tbs, _ECDSA_SHA256))
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     else:
         signature = key.sign(tbs)

@@ -461,6 +461,8 @@ def dumps(value: Any) -> bytes:
     Raises:
         FormatError: ``cbor.unencodable`` or ``cbor.int-range``.
     """
+    if type(value) is bytes:  # the common single byte string (COSE payloads and signatures)
+        return _head(2, len(value)) + value
     out: list[bytes] = []
     _encode(value, out)
     return b"".join(out)

@@ -28,10 +28,12 @@ no claim is silently ignored. Every refusal is a :class:`FormatError` with an
 from __future__ import annotations
 
 import json
+import operator
 import re
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -766,8 +768,247 @@ def _submods(raw: Any) -> tuple[MicroserviceClaims, ...]:
     return tuple(_submodule(name, value) for name, value in raw.items())
 
 
+# -- the fast path --------------------------------------------------------------------------------
+#
+# A token is verified far more often than it is malformed. ``_decode_fast`` makes the checks of
+# ``_decode_checked`` and of the constructors' ``__post_init__`` (every type, size, range, pattern,
+# mandatory and unknown claim) once each, builds the objects without checking them a second time,
+# and returns None at the first thing it does not accept, or for a profile it does not handle (the
+# legacy ones): ``decode_claims`` then runs ``_decode_checked``, which raises the error. So the fast
+# path can only accept what the checked path accepts, giving equal objects, and every error still
+# comes from one place. A check added to a constructor or to the checked decoder must be added here
+# too; tests/unit/test_cbor_claims.py compares the two paths on mutated claims-sets.
+
+_new = object.__new__
+
+
+def _setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
+    """The slot setters of a frozen dataclass (construction without ``__post_init__``), in field order."""
+    fields = tuple(f.name for f in dataclass_fields(cls))
+    if fields != names:
+        raise AssertionError(f"{cls.__name__} fields changed: the fast path needs updating")
+    return tuple(getattr(cls, name).__set__ for name in names)
+
+
+_SW_SET: Final = _setters(
+    SwComponent, ("measurement_value", "signer_id", "measurement_type", "version", "measurement_desc")
+)
+_MS_SET: Final = _setters(
+    MicroserviceClaims,
+    ("uuid", "name", "version", "sequence", "measurement", "signer", "policy_digest", "lifecycle", "certifications"),
+)
+_CLAIMS_SET: Final = _setters(
+    Claims,
+    (
+        "profile",
+        "nonce",
+        "instance_id",
+        "implementation_id",
+        "client_id",
+        "lifecycle",
+        "software_components",
+        "boot_seed",
+        "certification_reference",
+        "verification_service",
+        "no_sw_measurements",
+        "profile_claim",
+        "microservice",
+        "submods",
+    ),
+)
+_HASH_SIZE_SET: Final = frozenset(_HASH_SIZES)
+_MS_LIFECYCLE_SET: Final = frozenset(MS_LIFECYCLES)
+_MS_REQUIRED: Final = operator.itemgetter(
+    MS_UUID, MS_NAME, MS_VERSION, MS_SEQUENCE, MS_MEASUREMENT, MS_SIGNER, MS_POLICY_DIGEST, MS_LIFECYCLE
+)
+_PSA_REQUIRED: Final = operator.itemgetter(
+    EAT_PROFILE, EAT_NONCE, EAT_UEID, PSA_IMPLEMENTATION_ID, PSA_CLIENT_ID, PSA_LIFECYCLE, PSA_SOFTWARE_COMPONENTS
+)
+#: The claims each profile the fast path handles allows (``_decode_checked``'s ``_refuse_unknown``).
+_FAST_ALLOWED: Final[Mapping[str, frozenset[int]]] = {
+    PROFILE_PSA: _RFC9783_KEYS.all() | _EXTRA_KEYS[PROFILE_PSA],
+    PROFILE_MICROSERVICE: _RFC9783_KEYS.all() | _EXTRA_KEYS[PROFILE_MICROSERVICE],
+}
+_NO_CERTIFICATIONS: Final[list[Any]] = []
+
+
+def _fast_component(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _SW_SET) -> SwComponent | None:
+    if type(raw) is not dict:
+        return None
+    value = raw.get(SC_MEASUREMENT_VALUE)
+    signer = raw.get(SC_SIGNER_ID)
+    mtype = raw.get(SC_MEASUREMENT_TYPE)
+    version = raw.get(SC_VERSION)
+    desc = raw.get(SC_MEASUREMENT_DESC)
+    # Both hashes are bytes (so present); the map holds nothing else but the optional claims that are
+    # present and not null: an unknown key, or a null optional claim, makes it longer than this count.
+    if (
+        len(raw) != 2 + (mtype is not None) + (version is not None) + (desc is not None)
+        or type(value) is not bytes
+        or len(value) not in _HASH_SIZE_SET
+        or type(signer) is not bytes
+        or len(signer) not in _HASH_SIZE_SET
+        or (mtype is not None and (type(mtype) is not str or len(mtype) > MAX_TEXT))
+        or (version is not None and (type(version) is not str or len(version) > MAX_TEXT))
+        or (desc is not None and (type(desc) is not str or len(desc) > MAX_TEXT))
+    ):
+        return None
+    out = _new(SwComponent)
+    s0, s1, s2, s3, s4 = _set
+    s0(out, value)
+    s1(out, signer)
+    s2(out, mtype)
+    s3(out, version)
+    s4(out, desc)
+    return out
+
+
+def _fast_microservice(
+    raw: dict[Any, Any], _set: tuple[Callable[[Any, Any], None], ...] = _MS_SET
+) -> MicroserviceClaims | None:
+    """The microservice claims of ``raw``; whether ``raw`` holds other claims is the caller's to check."""
+    try:
+        ms_uuid, name, version, sequence, measurement, signer, policy, lifecycle = _MS_REQUIRED(raw)
+    except KeyError:
+        return None
+    certs = raw.get(MS_CERTIFICATIONS, _NO_CERTIFICATIONS)
+    if (
+        type(ms_uuid) is not bytes
+        or len(ms_uuid) != 16
+        or type(name) is not str
+        or _MS_NAME_RE.match(name) is None
+        or type(version) is not str
+        or len(version) > MAX_TEXT
+        or _SEMVER_RE.match(version) is None
+        or type(sequence) is not int
+        or not 0 <= sequence < _UINT64
+        or type(measurement) is not bytes
+        or len(measurement) not in _HASH_SIZE_SET
+        or type(signer) is not bytes
+        or len(signer) not in _HASH_SIZE_SET
+        or type(policy) is not bytes
+        or len(policy) not in _HASH_SIZE_SET
+        or type(lifecycle) is not str
+        or lifecycle not in _MS_LIFECYCLE_SET
+        or type(certs) is not list
+        or len(certs) > MAX_CERTIFICATIONS
+    ):
+        return None
+    for cert in certs:
+        if type(cert) is not str or not 0 < len(cert) <= 128:
+            return None
+    out = _new(MicroserviceClaims)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8 = _set
+    s0(out, uuidlib.UUID(int=int.from_bytes(ms_uuid, "big")))  # what UUID(bytes=) does, with less argument parsing
+    s1(out, name)
+    s2(out, version)
+    s3(out, sequence)
+    s4(out, measurement)
+    s5(out, signer)
+    s6(out, policy)
+    s7(out, lifecycle)
+    s8(out, tuple(certs))
+    return out
+
+
+def _fast_submods(raw: Any) -> tuple[MicroserviceClaims, ...] | None:
+    if type(raw) is not dict or not 0 < len(raw) <= MAX_SUBMODS:
+        return None
+    found = []
+    uuids = set()
+    for name, sub in raw.items():
+        # The microservice claims and nothing else: with the eight mandatory ones present, an unknown
+        # key or a null certifications claim makes the map longer than this count.
+        if type(sub) is not dict or len(sub) != (8 if sub.get(MS_CERTIFICATIONS) is None else 9):
+            return None
+        ms = _fast_microservice(sub)
+        if ms is None or ms.name != name:
+            return None
+        found.append(ms)
+        uuids.add(sub[MS_UUID])
+    # Names are unique (each is its submodule's key, and equal to the name claim); UUIDs must be too
+    # (compared as the 16 bytes each UUID was made from).
+    if len(uuids) != len(found):
+        return None
+    return tuple(found)
+
+
+def _decode_fast(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _CLAIMS_SET) -> Claims | None:
+    """The claims of an RFC 9783 device token or of a microservice token, or None (see above)."""
+    if type(raw) is not dict:
+        return None
+    try:
+        profile, nonce, ueid, impl, client, lifecycle, components_raw = _PSA_REQUIRED(raw)
+    except KeyError:
+        return None
+    allowed = _FAST_ALLOWED.get(profile) if type(profile) is str else None
+    if allowed is None or not raw.keys() <= allowed:
+        return None
+    boot_seed = raw.get(EAT_BOOT_SEED)
+    cert = raw.get(PSA_CERTIFICATION_REFERENCE)
+    vsi = raw.get(PSA_VERIFICATION_SERVICE)
+    if (
+        type(nonce) is not bytes
+        or len(nonce) not in _HASH_SIZE_SET
+        or type(ueid) is not bytes
+        or len(ueid) != 33
+        or ueid[0] != 0x01
+        or type(impl) is not bytes
+        or len(impl) != 32
+        or type(client) is not int
+        or not -_INT32 <= client < _INT32
+        or client == 0
+        or type(lifecycle) is not int
+        or not 0 <= lifecycle <= 0x60FF
+        or (lifecycle >> 8) not in _LIFECYCLE_BY_MAJOR
+        or (boot_seed is not None and (type(boot_seed) is not bytes or not 8 <= len(boot_seed) <= 32))
+        or (cert is not None and (type(cert) is not str or len(cert) > MAX_TEXT or _CERT_REF_RE.match(cert) is None))
+        or (vsi is not None and (type(vsi) is not str or not 0 < len(vsi) <= MAX_TEXT))
+        or type(components_raw) is not list
+        or not 0 < len(components_raw) <= MAX_COMPONENTS
+    ):
+        return None
+    components = []
+    for raw_component in components_raw:
+        component = _fast_component(raw_component)
+        if component is None:
+            return None
+        components.append(component)
+    microservice = None
+    submods: tuple[MicroserviceClaims, ...] | None = ()
+    if profile == PROFILE_MICROSERVICE:
+        microservice = _fast_microservice(raw)
+        if microservice is None:
+            return None
+    elif EAT_SUBMODS in raw:
+        submods = _fast_submods(raw[EAT_SUBMODS])
+        if submods is None:
+            return None
+    out = _new(Claims)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13 = _set
+    s0(out, profile)
+    s1(out, nonce)
+    s2(out, ueid)
+    s3(out, impl)
+    s4(out, client)
+    s5(out, lifecycle)
+    s6(out, tuple(components))
+    s7(out, boot_seed)
+    s8(out, cert)
+    s9(out, vsi)
+    s10(out, False)
+    s11(out, None)
+    s12(out, microservice)
+    s13(out, submods)
+    return out
+
+
 def decode_claims(data: bytes) -> Claims:
     """Decodes and checks a claims-set (the payload of a PSA token) in any profile of :data:`PROFILES`.
+
+    The claims of an RFC 9783 device token or a microservice token are checked on a fast path that
+    makes every check once; anything it does not accept, and every legacy profile, goes to the
+    checked decoder, which raises the error (see "the fast path" below).
 
     Args:
         data: the CBOR-encoded claims map.
@@ -784,6 +1025,12 @@ def decode_claims(data: bytes) -> Claims:
             ``attest.conflict``, ``attest.submod`` naming the claim.
     """
     raw = cbor.loads(data, CLAIMS_LIMITS)
+    claims = _decode_fast(raw)
+    return claims if claims is not None else _decode_checked(raw)
+
+
+def _decode_checked(raw: Any) -> Claims:
+    """The reference claims decoder: every check, raising the error that names the claim."""
     if not isinstance(raw, dict):
         raise FormatError("attest.claims", "the claims-set must be a CBOR map", got=_kind(raw))
     profile, profile_claim = _profile_of(raw)

@@ -135,8 +135,9 @@ class AttestationService:
         if not keystore.exists(IAK_ID):
             keystore.generate(IAK_ID, "ecc-p256")
         self.public_key_der = keystore.public_key(IAK_ID)
+        self._kid = hashlib.sha256(self.public_key_der).digest()
         self._sign = functools.partial(keystore.sign, IAK_ID)
-        self._templates: dict[object, tuple[tuple[str, ...], dict[int, Any]]] = {}
+        self._templates: dict[object, tuple[tuple[str, ...], bytes, bytes]] = {}
 
     def replace_microservices(self, microservices: Mapping[uuidlib.UUID, AttestedMicroservice]) -> None:
         """What to attest from now on (a new policy changes the policy digests); cached claims are dropped."""
@@ -146,7 +147,7 @@ class AttestationService:
     @property
     def kid(self) -> bytes:
         """The IAK's key ID: SHA-256 of its SubjectPublicKeyInfo (as signer IDs are)."""
-        return hashlib.sha256(self.public_key_der).digest()
+        return self._kid
 
     def _platform(self) -> list[psa.SwComponent]:
         ism_component = psa.SwComponent(ism_measurement(), self.kid, "ism", ism.__version__, "sha-256")
@@ -183,20 +184,16 @@ class AttestationService:
 
     def _token(self, key: object, build: Callable[[bytes], psa.Claims], nonce: bytes) -> bytes:
         """Signs the claims for ``nonce``. Claims other than the nonce are built, checked and encoded once
-        per boot (again when a lifecycle state changes): only the nonce differs between tokens."""
+        per boot (again when a lifecycle state changes, or the microservices are replaced): only the nonce
+        differs between tokens, so the payload is the cached encoding with the nonce put in its place."""
         if len(nonce) not in (32, 48, 64):
-            return sign_token(build(nonce), self._sign, kid=self.kid)  # the claims name the broken nonce rule
-        states = tuple(self.states(u) for u in self.microservices)
+            return sign_token(build(nonce), self._sign, kid=self._kid)  # the claims name the broken nonce rule
+        states = tuple(map(self.states, self.microservices))
         cached = self._templates.get(key)
         if cached is None or cached[0] != states:
-            template = build(bytes(32)).encode_map()
-            for label, value in template.items():
-                if isinstance(value, list | dict):
-                    template[label] = cbor.Raw(cbor.dumps(value))
-            cached = self._templates[key] = (states, template)
-        payload = dict(cached[1])
-        payload[psa.EAT_NONCE] = nonce
-        return sign_payload(cbor.dumps(payload), self._sign, kid=self.kid)
+            cached = self._templates[key] = (states, *_around_nonce(build(bytes(32)).encode_map()))
+        _, before, after = cached
+        return sign_payload(b"".join((before, cbor.dumps(nonce), after)), self._sign, kid=self._kid)
 
     def device_token(self, nonce: bytes) -> bytes:
         """The device token (RFC 9783 profile, with one submodule per microservice)."""
@@ -221,6 +218,22 @@ class AttestationService:
             return ETOOBIG
         sb.write(out, token, "token buffer")
         return len(token)
+
+
+def _around_nonce(claims: dict[int, Any]) -> tuple[bytes, bytes]:
+    """The deterministic encoding of a claims map, cut around the nonce's value.
+
+    ``before + cbor.dumps(nonce) + after`` is ``cbor.dumps(claims)`` with that nonce: the map's
+    head and entries keep their places (entries sort by their encoded labels, not their values).
+    """
+    entries = sorted((cbor.dumps(label), cbor.dumps(value)) for label, value in claims.items())
+    body = b"".join(label + value for label, value in entries)
+    encoded = cbor.dumps(claims)
+    head = encoded[: len(encoded) - len(body)]
+    nonce_label = cbor.dumps(psa.EAT_NONCE)
+    at = [label for label, _ in entries].index(nonce_label)
+    before = head + b"".join(label + value for label, value in entries[:at]) + nonce_label
+    return before, b"".join(label + value for label, value in entries[at + 1 :])
 
 
 def attested(booted: Booted, policy_digest_of: Callable[[uuidlib.UUID], bytes]) -> AttestedMicroservice:
