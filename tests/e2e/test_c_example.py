@@ -14,13 +14,11 @@ There is no skip: without clang and wasm-ld these tests fail (``make test`` inst
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from ism.cli.main import main
+from _cli import ism, ism_ok
 from ism.formats import wasm
 from ism.formats.abi import HOST_ABI, MODULE
 from ism.formats.board import parse_board
@@ -72,20 +70,6 @@ def toolchain() -> Any:
     if found is None:
         pytest.fail(build.INSTALL_HINT)
     return found
-
-
-def ism(*argv: str | Path) -> tuple[int, str, str]:
-    """Runs ``ism ARGV`` in-process; returns (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = main([str(a) for a in argv])
-    return status, out.getvalue(), err.getvalue()
-
-
-def ism_ok(*argv: str | Path) -> str:
-    status, out, err = ism(*argv)
-    assert status == 0, err
-    return out
 
 
 def edited(old: str, new: str) -> str:

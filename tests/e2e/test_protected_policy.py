@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from _cli import ism, ism_ok
 from ism.boards.virtual import Fingerprint, Led, Uart
 from ism.cli.main import main
 from ism.device.virtual import Device
@@ -35,19 +36,6 @@ from ism.runtime import Runtime
 TOKEN = Path(__file__).resolve().parents[2] / "examples" / "fingerprint-token"
 POLICY_TEXT = (TOKEN / "policy.toml").read_text()
 LED_GRANT = ', "gpio.led0" = ["write"]'
-
-
-def ism(*argv: str | Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = main([str(a) for a in argv])
-    return status, out.getvalue(), err.getvalue()
-
-
-def ism_ok(*argv: str | Path) -> str:
-    status, out, err = ism(*argv)
-    assert status == 0, err
-    return out
 
 
 def policy_version(version: int, *, led: bool = True, analytics: bool = True) -> str:

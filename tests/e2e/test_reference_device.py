@@ -10,7 +10,6 @@ refused with one line naming the rule.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import queue
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -31,21 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from ism.cli.main import main
+from _cli import ism
 from ism.errors import ErrorCode
 
 SOURCE = Path(__file__).resolve().parents[2] / "examples" / "fingerprint-token"
 TOKEN = ("biometric", "authenticator", "link", "analytics")
 ANALYTICS_UUID = "193cd08e-78fe-47d0-b3ee-50f90988a3bf"
 POLICY_TEXT = (SOURCE / "policy.toml").read_text()
-
-
-def ism(*argv: str | Path) -> tuple[int, str, str]:
-    """Runs ``ism ARGV`` in-process; returns (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = main([str(a) for a in argv])
-    return status, out.getvalue(), err.getvalue()
 
 
 def ism_ok(*argv: str | Path) -> str:

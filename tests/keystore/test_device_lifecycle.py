@@ -14,11 +14,9 @@ other must still sign, attest, open its policy and read its storage.
 from __future__ import annotations
 
 import gc
-import io
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from ism.cli.main import main
+from _cli import ism_ok
 from ism.crypto.attestation import verify_token
 from ism.crypto.keys import load_public, pem_from_der, read_public_pem
 from ism.crypto.statement import verify_statement
@@ -40,14 +38,6 @@ from ism.services.attestation import IAK_ID
 from ism.services.crypto import key_store_id
 
 AUTHENTICATOR = "efeaddc6-46ed-42b1-b68f-7c0d1cd7f69c"
-
-
-def ism_ok(*argv: str | Path) -> str:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = main([str(a) for a in argv])
-    assert status == 0, err.getvalue()
-    return out.getvalue()
 
 
 @pytest.fixture

@@ -11,11 +11,9 @@ runs under that policy.
 from __future__ import annotations
 
 import gc
-import io
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -25,27 +23,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from _cli import ism, ism_ok
 from ism.boards.virtual import Fingerprint, Uart
-from ism.cli.main import main
 from ism.device.virtual import POLICY_KEY_ID, Device
 from ism.errors import ErrorCode
 from ism.runtime import Runtime
 
 TOKEN = Path(__file__).resolve().parents[2] / "examples" / "fingerprint-token"
 POLICY_TEXT = (TOKEN / "policy.toml").read_text()
-
-
-def ism(*argv: str | Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = main([str(a) for a in argv])
-    return status, out.getvalue(), err.getvalue()
-
-
-def ism_ok(*argv: str | Path) -> str:
-    status, out, err = ism(*argv)
-    assert status == 0, err
-    return out
 
 
 @pytest.fixture(params=["pkcs11", "tpm"])
