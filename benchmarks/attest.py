@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for i in range(MICROSERVICES)
     }
-    service = AttestationService(keystore, b"\x01" + os.urandom(32), microservices)
+    service = AttestationService(keystore, b"\x01" + os.urandom(32), microservices, lifecycle_log=os.urandom(32))
     nonce = os.urandom(32)
     token = service.device_token(nonce)
     iak = read_public_pem(pem_from_der(service.public_key_der))

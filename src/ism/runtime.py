@@ -78,6 +78,7 @@ def attestation_service(
         device.instance_id,
         _attested(report, policy),
         lifecycle=device.lifecycle_state,
+        lifecycle_log=device.lifecycle_head,
         states=lambda ms_uuid: states(ms_uuid) or attested_state(persisted.state(ms_uuid), None),
     )
 

@@ -334,11 +334,16 @@ def test_a_tampered_statement_is_refused(product: Product) -> None:
 
 
 def _token_state(dev: Device) -> str:
+    """The lifecycle state a device token attests; every token also carries the head of the verified log."""
     service = attestation_service(dev, dev.boot(), None, lambda _u: None)
     nonce = os.urandom(32)
-    return verify_token(
-        service.device_token(nonce), load_public(dev.root / "keys" / "iak.pub.pem"), nonce=nonce
-    ).claims.lifecycle_state
+    iak = load_public(dev.root / "keys" / "iak.pub.pem")
+    claims = verify_token(service.device_token(nonce), iak, nonce=nonce).claims
+    head = lifecycle.read_log(dev).head
+    assert claims.lifecycle_log == head == dev.lifecycle_head
+    for ms_uuid in service.microservices:
+        assert verify_token(service.microservice_token(ms_uuid, nonce), iak).claims.lifecycle_log == head
+    return claims.lifecycle_state
 
 
 def test_debug_states_are_attested_and_only_legal_transitions_happen(product: Product) -> None:
@@ -372,7 +377,9 @@ def test_debug_states_are_attested_and_only_legal_transitions_happen(product: Pr
     dev.add_anchor(public_pem(generate("es256")))  # re-provisioning: the factory steps are open again
     lifecycle.lock(dev)
     assert _token_state(product.device()) == "secured"
-    events = [e["event"] for e in product.device().info()["lifecycle_log"]]
+    log = product.device().info()["lifecycle_log"]
+    assert len({e["digest"] for e in log}) == len(log)  # every transition moved the attested head
+    events = [e["event"] for e in log]
     assert events == ["init", "lock", "lifecycle", "lifecycle", "lifecycle", "lifecycle", "lock"]
 
 

@@ -226,7 +226,7 @@ def test_a_microservice_token_carries_its_own_claims_and_its_nonce() -> None:
         img.uuid: AttestedMicroservice(img.uuid, img.name, img.version, 1, img.measurement, img.signer, bytes(32))
         for img in world.images.values()
     }
-    service = AttestationService(crypto.keystore, b"\x01" + bytes(32), registered)
+    service = AttestationService(crypto.keystore, b"\x01" + bytes(32), registered, lifecycle_log=bytes(32))
     world.sup.services.update(service.calls())
     world.run(0)  # start, so the nonce can be placed in the attester's memory before its tick
     nonce = os.urandom(32)

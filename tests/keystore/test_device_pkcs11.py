@@ -99,7 +99,9 @@ def token_config(softhsm: SoftHsm, tmp_path: Path) -> dict[str, Any]:
 
 def iak(device: Device) -> bytes:
     """The device's attestation key (created on first use, as at the first boot)."""
-    return AttestationService(device.keystore(), device.instance_id, {}).public_key_der
+    return AttestationService(
+        device.keystore(), device.instance_id, {}, lifecycle_log=device.lifecycle_head
+    ).public_key_der
 
 
 def test_devices_on_one_token_have_their_own_keys(softhsm: SoftHsm, tmp_path: Path) -> None:

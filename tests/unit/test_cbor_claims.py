@@ -66,6 +66,7 @@ DEVICE = psa.Claims(
     certification_reference="1234567890123-12345",
     verification_service="https://store.ism.example/verify",
     submods=(_ms("fingerprint", 0), _ms("door-lock", 1, ()), _ms("m", 2, ("a", "b" * 128))),
+    lifecycle_log=b"\x0c" * 32,
 )
 DEVICE_BARE = psa.Claims(
     profile=psa.PROFILE_PSA,
@@ -86,6 +87,7 @@ MICROSERVICE = psa.Claims(
     software_components=(_component("fingerprint"),),
     boot_seed=b"\x12" * 8,
     microservice=_ms("fingerprint", 3),
+    lifecycle_log=b"\x0d" * 32,
 )
 LEGACY = psa.Claims(
     profile=psa.PROFILE_PSA_2_0_0,
@@ -182,7 +184,7 @@ POOL: list[Any] = [
     Tag(37, b"\x01" * 16),
     UNDEFINED,
 ]
-UNKNOWN_KEYS: list[Any] = [0, 1, 3, 9999, -1, -75000, -81001, -81010, psa.EAT_SUBMODS, "nonce", b"\x0a", (10,)]
+UNKNOWN_KEYS: list[Any] = [0, 1, 3, 9999, -1, -75000, -81001, -81010, -81011, psa.EAT_SUBMODS, "nonce", b"\x0a", (10,)]
 UNKNOWN_KEYS.append(Tag(1, 10))
 ABSENT = object()
 
@@ -233,7 +235,7 @@ def _paths(base: psa.Claims) -> list[tuple[str, Callable[[dict[Any, Any]], dict[
     """Every place a claim lives: (name, how to reach its map, its key)."""
     raw = base.encode_map()
     top = list(raw) + [k for k in (psa.EAT_BOOT_SEED, psa.PSA_CERTIFICATION_REFERENCE) if k not in raw]
-    top += [k for k in (psa.PSA_VERIFICATION_SERVICE, psa.EAT_SUBMODS) if k not in raw]
+    top += [k for k in (psa.PSA_VERIFICATION_SERVICE, psa.EAT_SUBMODS, psa.ISM_LIFECYCLE_LOG) if k not in raw]
     paths: list[tuple[str, Callable[[dict[Any, Any]], dict[Any, Any]], Any]] = [
         (f"top[{k}]", lambda m: m, k) for k in top
     ]
@@ -362,7 +364,9 @@ def test_service_tokens_carry_the_plain_claims_encoding() -> None:
         for i in range(4)
     }
     states = dict.fromkeys(microservices, "active")
-    service = AttestationService(keystore, b"\x01" + os.urandom(32), microservices, states=states.__getitem__)
+    service = AttestationService(
+        keystore, b"\x01" + os.urandom(32), microservices, states=states.__getitem__, lifecycle_log=os.urandom(32)
+    )
     first = next(iter(microservices))
 
     def payloads_match() -> None:

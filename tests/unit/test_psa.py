@@ -68,6 +68,9 @@ def component(name: str = "ism", **kw: Any) -> psa.SwComponent:
     return psa.SwComponent(**fields)
 
 
+HEAD = hashlib.sha256(b"lifecycle log head").digest()
+
+
 def device_claims(**kw: Any) -> psa.Claims:
     fields: dict[str, Any] = {
         "profile": psa.PROFILE_PSA,
@@ -81,6 +84,7 @@ def device_claims(**kw: Any) -> psa.Claims:
         "certification_reference": "1234567890123-12345",
         "verification_service": "https://store.ism.example/verify",
         "submods": (ms(),),
+        "lifecycle_log": HEAD,
     }
     fields.update(kw)
     return psa.Claims(**fields)
@@ -96,6 +100,7 @@ def ms_claims(**kw: Any) -> psa.Claims:
         "lifecycle": 0x3000,
         "software_components": (component("fingerprint"),),
         "microservice": ms(),
+        "lifecycle_log": HEAD,
     }
     fields.update(kw)
     return psa.Claims(**fields)
@@ -397,6 +402,17 @@ BAD_CLAIMS: list[tuple[str, Callable[[dict[int, Any]], None], str, str | None]] 
         "submods[fingerprint].ms-certifications",
     ),
     ("submod unknown key", _set_ms(psa.EAT_NONCE, NONCE), "attest.unknown-claim", "submods[fingerprint].10"),
+    ("lifecycle log 31 bytes", _set(psa.ISM_LIFECYCLE_LOG, HEAD[:31]), "attest.size", "lifecycle-log"),
+    ("lifecycle log 33 bytes", _set(psa.ISM_LIFECYCLE_LOG, HEAD + b"\0"), "attest.size", "lifecycle-log"),
+    ("lifecycle log 64 bytes", _set(psa.ISM_LIFECYCLE_LOG, HEAD * 2), "attest.size", "lifecycle-log"),
+    ("lifecycle log text", _set(psa.ISM_LIFECYCLE_LOG, HEAD.hex()), "attest.type", "lifecycle-log"),
+    ("lifecycle log null", _set(psa.ISM_LIFECYCLE_LOG, None), "attest.type", "lifecycle-log"),
+    (
+        "lifecycle log in a submodule",
+        _set_ms(psa.ISM_LIFECYCLE_LOG, HEAD),
+        "attest.unknown-claim",
+        "submods[fingerprint].-81010",
+    ),
 ]
 
 
@@ -409,6 +425,27 @@ def test_bad_claims_name_rule_and_claim(
     assert got_rule == rule
     if subject is not None:
         assert got_subject == subject
+
+
+def test_lifecycle_log_claim() -> None:
+    """Optional in decoding (a PSA token without it still verifies), 32 bytes, only in the iSM's two profiles."""
+    for make in (device_claims, ms_claims):
+        claims = make()
+        assert claims.encode_map()[psa.ISM_LIFECYCLE_LOG] == HEAD
+        assert psa.decode_claims(claims.encode()).lifecycle_log == HEAD
+        assert claims.to_json()["lifecycle_log"] == HEAD.hex()
+        without = make(lifecycle_log=None)
+        assert psa.ISM_LIFECYCLE_LOG not in without.encode_map()
+        assert psa.decode_claims(without.encode()).lifecycle_log is None
+    assert rule_of(lambda: device_claims(lifecycle_log=HEAD[:16]))[1:] == ("attest.size", "lifecycle-log")
+    assert rule_of(lambda: device_claims(lifecycle_log=HEAD.hex()))[1:] == ("attest.type", "lifecycle-log")
+    legacy = {"profile": psa.PROFILE_PSA_2_0_0, "submods": (), "lifecycle_log": HEAD}
+    assert rule_of(lambda: device_claims(**legacy))[1:] == ("attest.unknown-claim", "lifecycle-log")
+    raw = raw_map(device_claims(submods=(), lifecycle_log=None, boot_seed=None))
+    raw[psa.EAT_PROFILE] = psa.PROFILE_PSA_2_0_0
+    psa.decode_claims(cbor.dumps(raw))
+    raw[psa.ISM_LIFECYCLE_LOG] = HEAD
+    assert rule_of(lambda: psa.decode_claims(cbor.dumps(raw)))[1:] == ("attest.unknown-claim", "-81010")
 
 
 def test_duplicate_submodule_uuid() -> None:
@@ -749,6 +786,38 @@ APPRAISALS: list[tuple[str, Callable[[], psa.Claims], Callable[[], psa.Reference
         "door",
     ),
     (
+        "lifecycle log head as the reference expects",
+        device_claims,
+        lambda: reference(lifecycle_log=HEAD.hex()),
+        "affirming",
+        "platform",
+        "platform",
+    ),
+    (
+        "lifecycle log head differs",
+        lambda: device_claims(lifecycle_log=b"\x01" * 32),
+        lambda: reference(lifecycle_log=HEAD.hex()),
+        "contraindicated",
+        "platform",
+        "platform",
+    ),
+    (
+        "lifecycle log head expected but not claimed",
+        lambda: device_claims(lifecycle_log=None),
+        lambda: reference(lifecycle_log=HEAD.hex()),
+        "contraindicated",
+        "platform",
+        "platform",
+    ),
+    (
+        "lifecycle log head not in the reference",
+        lambda: device_claims(lifecycle_log=b"\x01" * 32),
+        reference,
+        "affirming",
+        "platform",
+        "platform",
+    ),
+    (
         "required microservice missing",
         lambda: device_claims(software_components=(component("ism"),), submods=()),
         reference,
@@ -815,6 +884,10 @@ BAD_REFERENCES = [
     ("component key", '{"version": 1, "components": [{"name": "a", "colour": 1}]}', "attest.reference"),
     ("same name twice", '{"version": 1, "components": [{"name": "a"}, {"name": "a"}]}', "attest.reference"),
     ("required text", '{"version": 1, "components": [{"name": "a", "required": "yes"}]}', "attest.reference"),
+    ("lifecycle log short", '{"version": 1, "lifecycle_log": "00"}', "attest.reference"),
+    ("lifecycle log 48 bytes", '{"version": 1, "lifecycle_log": "' + "00" * 48 + '"}', "attest.reference"),
+    ("lifecycle log not hex", '{"version": 1, "lifecycle_log": "' + "zz" * 32 + '"}', "attest.reference"),
+    ("lifecycle log number", '{"version": 1, "lifecycle_log": 1}', "attest.reference"),
 ]
 
 

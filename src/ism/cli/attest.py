@@ -61,6 +61,8 @@ def format_summary(verified: VerifiedToken, appraisal: Appraisal | None = None) 
         f"  {'client id':16} {c.client_id}",
         f"  {'lifecycle':16} {c.lifecycle_state} ({c.lifecycle:#06x})",
     ]
+    if c.lifecycle_log is not None:
+        lines.append(f"  {'lifecycle log':16} {c.lifecycle_log.hex()} (head)")
     if c.certification_reference:
         lines.append(f"  {'certification':16} {c.certification_reference}")
     if c.no_sw_measurements:

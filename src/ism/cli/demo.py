@@ -162,7 +162,16 @@ def _attest(runtime: object, out: Path) -> None:
                 "min_version": pkg.meta.version,
             }
         )
-    reference = {"version": 1, "lifecycles": ["secured"], "unknown_components": "warning", "components": components}
+    from ism.device.lifecycle import read_log
+
+    log = read_log(runtime.device)
+    reference = {
+        "version": 1,
+        "lifecycles": ["secured"],
+        "lifecycle_log": log.head.hex(),  # the relying party pins the device's lifecycle history too
+        "unknown_components": "warning",
+        "components": components,
+    }
     (out / "reference.json").write_text(json.dumps(reference, indent=2))
     nonce = os.urandom(32)
     token = runtime.attestation.device_token(nonce)
@@ -181,12 +190,10 @@ def _attest(runtime: object, out: Path) -> None:
             ).splitlines()
         )
     )
-    from ism.device.lifecycle import read_log
-
-    log = read_log(runtime.device)
     print(
         f"   security lifecycle in the token: {verified.claims.lifecycle_state}; the device's lifecycle log "
-        f"({len(log.entries)} entries: {', '.join(e.event for e in log.entries)}) ends in {log.state}"
+        f"({len(log.entries)} entries: {', '.join(e.event for e in log.entries)}) ends in {log.state}, "
+        f"its head {log.head.hex()[:16]}... is the token's lifecycle-log claim"
     )
 
 

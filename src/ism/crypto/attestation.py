@@ -373,6 +373,13 @@ def _appraise_platform(claims: Claims, reference: Reference) -> ComponentApprais
         f.add(Status.WARNING, "lifecycle non-psa-rot-debug: the PSA RoT is intact, other code may be debugged")
     else:
         f.add(Status.CONTRAINDICATED, f"lifecycle {state}: the device is not in a secured state")
+    if reference.lifecycle_log is not None:
+        if claims.lifecycle_log is None:
+            f.add(Status.CONTRAINDICATED, "no lifecycle log head claimed; the reference expects one")
+        elif claims.lifecycle_log != reference.lifecycle_log:
+            f.add(Status.CONTRAINDICATED, f"lifecycle log head {_short(claims.lifecycle_log)} is not the expected one")
+        else:
+            f.add(Status.AFFIRMING, "lifecycle log head matches")
     return f.result("platform", "platform", "platform accepted")
 
 

@@ -190,18 +190,18 @@ def read_log(device: Device) -> LogBody:
     return body
 
 
-def open_log(device: Device) -> str:
+def open_log(device: Device) -> Entry:
     """Reads the log when a device is opened and finishes a transition a power cut interrupted.
 
     Returns:
-        The current lifecycle state.
+        The log's last entry: its ``to_state`` is the current lifecycle state, its digest the head.
     """
     body = read_log(device)
     if body.pending is not None:
         _effects(device, body.pending)
         _commit(device, body, body.pending.entry)
-        return body.pending.entry.to_state
-    return body.state
+        return body.pending.entry
+    return body.entries[-1]
 
 
 def log_json(device: Device) -> list[dict[str, Any]]:
@@ -285,7 +285,7 @@ def _commit(device: Device, body: LogBody, entry: Entry) -> None:
     device.advance_counter(COUNTER, entry.sequence)
     if entry.command_sequence is not None:
         device.advance_counter(counter_name(entry.event), entry.command_sequence)
-    device._lifecycle_state, device._lifecycle_error = entry.to_state, None
+    device._lifecycle_state, device._lifecycle_head, device._lifecycle_error = entry.to_state, entry.digest, None
 
 
 def _decode_signed(data: bytes) -> Command:

@@ -260,9 +260,11 @@ class Device:
         if self._artifact_path.is_file():
             self._drop_cleartext_config()  # an install_policy cut short before it removed them
         self._lifecycle_state = "assembly-and-test"
+        self._lifecycle_head = b""
         self._lifecycle_error: StateCorruptError | None = None
         try:
-            self._lifecycle_state = open_log(self)  # finishes a lifecycle transition a power cut interrupted
+            last = open_log(self)  # finishes a lifecycle transition a power cut interrupted
+            self._lifecycle_state, self._lifecycle_head = last.to_state, last.digest
         except StateCorruptError as exc:
             self._lifecycle_error = exc  # the state is unknown: every lifecycle-checked operation refuses
 
@@ -368,6 +370,19 @@ class Device:
         if self._lifecycle_error is not None:
             raise self._lifecycle_error
         return self._lifecycle_state
+
+    @property
+    def lifecycle_head(self) -> bytes:
+        """The head of the device's lifecycle log: the SHA-256 digest of its last entry (32 bytes).
+
+        Attested as the ``lifecycle-log`` claim (docs/attestation.md).
+
+        Raises:
+            StateCorruptError: as :attr:`lifecycle_state`.
+        """
+        if self._lifecycle_error is not None:
+            raise self._lifecycle_error
+        return self._lifecycle_head
 
     def _anchor_dir(self, role: str) -> Path:
         if role not in ANCHOR_ROLES:

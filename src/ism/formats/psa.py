@@ -9,7 +9,8 @@ and the two profiles before it (``http://arm.com/psa/2.0.0`` and
 microservice claims (an EAT profile of our own, :data:`PROFILE_MICROSERVICE`,
 claim keys in the CWT private-use range) carried as one EAT submodule
 (``submods``, 266) per microservice in the device token and at the top level
-of a microservice's own token; the reference-values file the verifier
+of a microservice's own token; the iSM device claim ``lifecycle-log`` (the
+head of the device's lifecycle log) in both; the reference-values file the verifier
 appraises a token against. Strict decoding from CBOR/JSON bytes and
 deterministic encoding. The wire format is documented in docs/attestation.md.
 Must not import: crypto, device or anything above ``ism.formats``.
@@ -43,6 +44,7 @@ from ism.formats import cbor
 __all__ = [
     "CLAIMS_LIMITS",
     "LEGACY_PROFILES",
+    "LIFECYCLE_LOG_SIZE",
     "LIFECYCLE_STATES",
     "MS_LIFECYCLES",
     "PROFILES",
@@ -126,6 +128,11 @@ MS_SIGNER: Final = -81006
 MS_POLICY_DIGEST: Final = -81007
 MS_CERTIFICATIONS: Final = -81008
 MS_LIFECYCLE: Final = -81009
+#: The head of the device's hash-chained lifecycle log (ism.device.lifecycle): the SHA-256 digest of
+#: its last entry. A device claim of the iSM tokens (the device token and every microservice token).
+ISM_LIFECYCLE_LOG: Final = -81010
+#: Its size: a SHA-256 digest.
+LIFECYCLE_LOG_SIZE: Final = 32
 
 #: PSA security lifecycle: the major state is the high byte (CDDL psa-lifecycle-*-type).
 LIFECYCLE_STATES: Final[Mapping[str, int]] = {
@@ -495,8 +502,8 @@ _KEYS: Final[Mapping[str, _Keys]] = {
 }
 #: Claims a profile allows beyond the PSA claims.
 _EXTRA_KEYS: Final[Mapping[str, frozenset[int]]] = {
-    PROFILE_PSA: frozenset({EAT_SUBMODS}),
-    PROFILE_MICROSERVICE: _MS_KEYS,
+    PROFILE_PSA: frozenset({EAT_SUBMODS, ISM_LIFECYCLE_LOG}),
+    PROFILE_MICROSERVICE: _MS_KEYS | {ISM_LIFECYCLE_LOG},
     PROFILE_PSA_2_0_0: frozenset(),
     PROFILE_PSA_IOT_1: frozenset(),
 }
@@ -511,7 +518,9 @@ class Claims:
     ``profile_claim`` keeps what the token said (``None`` if absent).
     ``microservice`` is set in, and only in, a microservice token
     (:data:`PROFILE_MICROSERVICE`); ``submods`` (one per microservice, keyed by
-    name on the wire) appear only in an RFC 9783 device token.
+    name on the wire) appear only in an RFC 9783 device token. ``lifecycle_log``, the head of the
+    device's lifecycle log (32 bytes), is an iSM claim: optional in decoding, in the RFC 9783 and
+    the microservice profiles only; the iSM's own tokens always carry it.
 
     Raises:
         FormatError: ``attest.*`` naming the claim that breaks its profile.
@@ -531,6 +540,7 @@ class Claims:
     profile_claim: str | None = None
     microservice: MicroserviceClaims | None = None
     submods: tuple[MicroserviceClaims, ...] = ()
+    lifecycle_log: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -621,6 +631,14 @@ class Claims:
         uuids = [m.uuid for m in self.submods]
         if len(set(names)) != len(names) or len(set(uuids)) != len(uuids):
             raise FormatError("attest.submod", "two submodules name the same microservice", subject="submods")
+        if self.lifecycle_log is not None:
+            if self.profile not in (PROFILE_PSA, PROFILE_MICROSERVICE):
+                raise FormatError(
+                    "attest.unknown-claim",
+                    "the lifecycle-log claim belongs to the iSM tokens (RFC 9783 and microservice profiles)",
+                    subject="lifecycle-log",
+                )
+            _sized(self.lifecycle_log, "lifecycle-log", LIFECYCLE_LOG_SIZE, LIFECYCLE_LOG_SIZE)
 
     # -- views --------------------------------------------------------------------------------
 
@@ -667,6 +685,8 @@ class Claims:
             out.update(self.microservice.encode())
         if self.submods:
             out[EAT_SUBMODS] = {m.name: m.encode() for m in self.submods}
+        if self.lifecycle_log is not None:
+            out[ISM_LIFECYCLE_LOG] = self.lifecycle_log
         return out
 
     def encode(self) -> bytes:
@@ -686,6 +706,7 @@ class Claims:
                 "client_id": self.client_id,
                 "security_lifecycle": {"value": self.lifecycle, "state": self.lifecycle_state},
                 "boot_seed": None if self.boot_seed is None else self.boot_seed.hex(),
+                "lifecycle_log": None if self.lifecycle_log is None else self.lifecycle_log.hex(),
                 "certification_reference": self.certification_reference,
                 "verification_service": self.verification_service,
                 "software_components": [c.to_json() for c in self.software_components],
@@ -814,6 +835,7 @@ _CLAIMS_SET: Final = _setters(
         "profile_claim",
         "microservice",
         "submods",
+        "lifecycle_log",
     ),
 )
 _HASH_SIZE_SET: Final = frozenset(_HASH_SIZES)
@@ -830,6 +852,7 @@ _FAST_ALLOWED: Final[Mapping[str, frozenset[int]]] = {
     PROFILE_MICROSERVICE: _RFC9783_KEYS.all() | _EXTRA_KEYS[PROFILE_MICROSERVICE],
 }
 _NO_CERTIFICATIONS: Final[list[Any]] = []
+_ABSENT: Final = object()
 
 
 def _fast_component(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _SW_SET) -> SwComponent | None:
@@ -947,6 +970,11 @@ def _decode_fast(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _CLAIM
     boot_seed = raw.get(EAT_BOOT_SEED)
     cert = raw.get(PSA_CERTIFICATION_REFERENCE)
     vsi = raw.get(PSA_VERIFICATION_SERVICE)
+    lifecycle_log = raw.get(ISM_LIFECYCLE_LOG, _ABSENT)
+    if lifecycle_log is _ABSENT:
+        lifecycle_log = None
+    elif type(lifecycle_log) is not bytes or len(lifecycle_log) != LIFECYCLE_LOG_SIZE:
+        return None
     if (
         type(nonce) is not bytes
         or len(nonce) not in _HASH_SIZE_SET
@@ -985,7 +1013,7 @@ def _decode_fast(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _CLAIM
         if submods is None:
             return None
     out = _new(Claims)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13 = _set
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14 = _set
     s0(out, profile)
     s1(out, nonce)
     s2(out, ueid)
@@ -1000,6 +1028,7 @@ def _decode_fast(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _CLAIM
     s11(out, None)
     s12(out, microservice)
     s13(out, submods)
+    s14(out, lifecycle_log)
     return out
 
 
@@ -1072,6 +1101,8 @@ def _decode_checked(raw: Any) -> Claims:
         profile_claim=profile_claim,
         microservice=MicroserviceClaims.decode(raw) if profile == PROFILE_MICROSERVICE else None,
         submods=_submods(raw[EAT_SUBMODS]) if EAT_SUBMODS in raw else (),
+        # present means a byte string: a null is refused, as for ms-certifications
+        lifecycle_log=_bytes(raw[ISM_LIFECYCLE_LOG], "lifecycle-log") if ISM_LIFECYCLE_LOG in raw else None,
     )
 
 
@@ -1079,7 +1110,9 @@ def _decode_checked(raw: Any) -> Claims:
 
 REFERENCE_VERSION: Final = 1
 _VERDICTS: Final = ("warning", "contraindicated")
-_REF_KEYS: Final = frozenset({"version", "implementation_id", "lifecycles", "unknown_components", "components"})
+_REF_KEYS: Final = frozenset(
+    {"version", "implementation_id", "lifecycles", "lifecycle_log", "unknown_components", "components"}
+)
 _REF_COMPONENT_KEYS: Final = frozenset(
     {
         "name",
@@ -1123,6 +1156,7 @@ class Reference:
     implementation_id: bytes | None = None
     lifecycles: tuple[str, ...] = ()
     unknown_components: str = "warning"
+    lifecycle_log: bytes | None = None
 
     def by_name(self, name: str | None) -> ReferenceComponent | None:
         return None if name is None else next((c for c in self.components if c.name == name), None)
@@ -1253,6 +1287,8 @@ def parse_reference(data: bytes | str, source: str = "reference") -> Reference:
         if "lifecycles" in raw
         else ()
     )
+    log = raw.get("lifecycle_log")
+    lifecycle_log = None if log is None else _ref_hex(log, f"{source}.lifecycle_log", (LIFECYCLE_LOG_SIZE,))
     unknown_components = raw.get("unknown_components", "warning")
     if unknown_components not in _VERDICTS:
         raise _ref_error(f"{source}.unknown_components", "must be warning or contraindicated", unknown_components)
@@ -1264,4 +1300,4 @@ def parse_reference(data: bytes | str, source: str = "reference") -> Reference:
     uuids = [c.uuid for c in components if c.uuid is not None]
     if len(set(names)) != len(names) or len(set(uuids)) != len(uuids):
         raise _ref_error(f"{source}.components", "two entries for the same name or uuid")
-    return Reference(components, implementation_id, lifecycles, str(unknown_components))
+    return Reference(components, implementation_id, lifecycles, str(unknown_components), lifecycle_log)

@@ -2,7 +2,8 @@
 
 Owns: the device's initial attestation key (``device.iak``, P-256, in the key
 store), the platform claims (instance ID = the UEID, implementation ID,
-security lifecycle, a boot seed fresh per boot, one software component per
+security lifecycle and the head of the device's lifecycle log, a boot seed
+fresh per boot, one software component per
 booted microservice plus one for the iSM itself), the iSM microservice
 claims (docs/attestation.md), and the ``attest`` host function.
 Must not import: agent, store, cli.
@@ -113,6 +114,8 @@ class AttestationService:
         ueid: the device's instance ID (33 bytes, RAND UEID).
         microservices: what secure boot accepted, with policy digests.
         lifecycle: the device's PSA security lifecycle state name.
+        lifecycle_log: the head of the device's lifecycle log (the digest of its last entry, 32 bytes:
+            ``Device.lifecycle_head``), the ``lifecycle-log`` claim of every token.
         boot_seed: fresh per boot (random if not given).
         states: a microservice's current lifecycle state by UUID (e.g. from the supervisor).
     """
@@ -125,11 +128,14 @@ class AttestationService:
         lifecycle: str = "secured",
         boot_seed: bytes | None = None,
         states: Callable[[uuidlib.UUID], str] | None = None,
+        *,
+        lifecycle_log: bytes,
     ) -> None:
         self.keystore = keystore
         self.ueid = ueid
         self.microservices = dict(microservices)
         self.lifecycle = psa.LIFECYCLE_STATES[lifecycle]
+        self.lifecycle_log = lifecycle_log
         self.boot_seed = boot_seed or os.urandom(32)
         self.states = states or (lambda _uuid: "active")
         if not keystore.exists(IAK_ID):
@@ -165,6 +171,7 @@ class AttestationService:
             software_components=tuple(self._platform()),
             boot_seed=self.boot_seed,
             submods=tuple(ms.claims(self.states(ms.uuid)) for ms in self.microservices.values()),
+            lifecycle_log=self.lifecycle_log,
         )
 
     def microservice_claims(self, ms_uuid: uuidlib.UUID, nonce: bytes) -> psa.Claims:
@@ -180,6 +187,7 @@ class AttestationService:
             software_components=tuple(self._platform()),
             boot_seed=self.boot_seed,
             microservice=ms.claims(self.states(ms_uuid)),
+            lifecycle_log=self.lifecycle_log,
         )
 
     def _token(self, key: object, build: Callable[[bytes], psa.Claims], nonce: bytes) -> bytes:
