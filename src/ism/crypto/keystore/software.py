@@ -35,6 +35,36 @@ from ism.formats import cbor
 __all__ = ["KeyFiles", "MemoryKeyFiles", "SoftwareKeyStore"]
 
 _SIZES = {"aes-256": 32, "hmac-sha256": 32}
+#: ES256's signature algorithm object (immutable), made once rather than for every signature.
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+def _minimal_positive(integer: bytes) -> bool:
+    """A DER INTEGER's content that is positive, minimally encoded and below 2**256 (1..33 bytes)."""
+    return integer[0] < 0x80 and (
+        len(integer) == 1 or (integer[0] != 0 and len(integer) < 33) or (integer[0] == 0 and integer[1] >= 0x80)
+    )
+
+
+def _raw_signature(der: bytes) -> bytes:
+    """An ECDSA P-256 signature from DER (SEQUENCE of INTEGER r, INTEGER s) to raw r||s (64 bytes).
+
+    The shape OpenSSL gives — short-form lengths, each integer positive, minimally encoded and below
+    2**256 — is cut out with slices; anything else goes through
+    ``decode_dss_signature`` and ``int.to_bytes``, as every signature did before (same result, same errors).
+    """
+    n = len(der)
+    if n >= 8 and der[0] == 0x30 and der[1] == n - 2 and der[2] == 0x02:
+        r_len = der[3]
+        s_at = 4 + r_len
+        if 1 <= r_len <= 33 and s_at + 2 <= n and der[s_at] == 0x02:
+            s_len = der[s_at + 1]
+            r = der[4:s_at]
+            s = der[s_at + 2 :]
+            if 1 <= s_len <= 33 and len(s) == s_len and _minimal_positive(r) and _minimal_positive(s):
+                return r[-32:].rjust(32, b"\0") + s[-32:].rjust(32, b"\0")
+    r_int, s_int = decode_dss_signature(der)
+    return r_int.to_bytes(32, "big") + s_int.to_bytes(32, "big")
 
 
 class KeyFiles(Protocol):
@@ -163,10 +193,14 @@ class SoftwareKeyStore:
         )
 
     def sign(self, key_id: str, message: bytes) -> bytes:
-        _, private = self._typed(key_id, "ecc-p256")
-        assert private is not None
-        r, s = decode_dss_signature(private.sign(message, ec.ECDSA(hashes.SHA256())))
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        # A key id in the cache was checked when it was loaded; a loaded ecc-p256 key has its private key
+        # object. Anything else (first use, a wrong type, a bad id) takes the checked path and its errors.
+        entry = self._cache.get(key_id) if type(key_id) is str else None
+        private = entry[2] if entry is not None else None
+        if private is None:
+            _, private = self._typed(key_id, "ecc-p256")
+            assert private is not None
+        return _raw_signature(private.sign(message, _ECDSA_SHA256))
 
     def verify(self, key_id: str, message: bytes, signature: bytes) -> None:
         _, private = self._typed(key_id, "ecc-p256")
@@ -175,7 +209,7 @@ class SoftwareKeyStore:
             raise SignatureError("keystore.signature", "signature does not verify")
         der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
         try:
-            private.public_key().verify(der, message, ec.ECDSA(hashes.SHA256()))
+            private.public_key().verify(der, message, _ECDSA_SHA256)
         except InvalidSignature:
             raise SignatureError("keystore.signature", "signature does not verify") from None
 
