@@ -354,4 +354,15 @@ def run_demo(examples: Path, out: Path) -> None:
     _flip_last_byte(device.package_path(analytics_uuid))
     print("   flipped one byte of analytics' payload on flash")
     _run("device", "boot", str(dev))
+
+    print("\n== 4. The store bans analytics: a signed, device-bound command; its data and keys are crypto-erased")
+    ban = out / "ban-analytics.cose"
+    _run(
+        "provision", "command", "microservice", "--sign", str(out / "store.pem"), "--device", str(dev),
+        "--uuid", analytics_uuid, "--action", "ban", "--out", str(ban),
+    )  # fmt: skip
+    _run("device", "microservice", str(dev), "--command", str(ban))
+    _run("device", "microservices", str(dev))
+    status = _run("device", "install", str(dev), str(out / "analytics.suit"))
+    print(f"(exit status {status}: a banned microservice cannot be installed again, even correctly signed)")
     print(f"\ndemo finished in {time.monotonic() - start:.1f} s; files are in {out}/")
