@@ -1,4 +1,4 @@
-"""Builds the optional native strict CBOR decoder (docs/adr/0005-native-cbor-decoder.md).
+"""Builds the optional native strict CBOR decoder and schema checker (docs/adr/0005-native-cbor-decoder.md).
 
 Everything else about the package lives in pyproject.toml. The extension is
 optional: without a C compiler the install still succeeds and

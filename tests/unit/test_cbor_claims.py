@@ -1,8 +1,11 @@
 """CBOR claims-sets: the fast claims decoder against the checked one, and the cached token encodings.
 
-``psa.decode_claims`` first tries ``_decode_fast``, which makes every check once and builds the
-objects without re-checking them, and falls back to ``_decode_checked`` (the reference, which
-names the broken rule) at the first thing it does not accept. These tests mutate valid
+``psa.decode_claims`` first tries ``_decode_fast``, which checks the claims-set against its
+profile's schema (``ism.formats.cbor_schema``; natively when the extension is built), makes the
+checks a schema cannot state, builds the objects without re-checking them, and falls back to
+``_decode_checked`` (the reference, which names the broken rule) at the first thing it does not
+accept. Every case runs the fast path with the native and with the pure-Python schema checker, and
+the two checkers must name the same broken rule. These tests mutate valid
 claims-sets one claim at a time, and a few at a time, over every claim of both profiles, every
 field of a software component and of a submodule: values of every type and of every size and
 range edge, nulls, removals and unknown claims. Wherever the checked decoder refuses, the fast one
@@ -33,7 +36,9 @@ from ism.formats import cbor, psa
 from ism.formats.cbor import UNDEFINED, Tag
 from ism.services.attestation import AttestationService, AttestedMicroservice
 
-PROPERTY = settings(derandomize=True, database=None, deadline=None, max_examples=300)
+PROPERTY = settings(
+    derandomize=True, database=None, deadline=None, max_examples=int(os.environ.get("ISM_CBOR_FUZZ_EXAMPLES", "300"))
+)
 
 
 def _ms(name: str, n: int, certifications: tuple[str, ...] = ("PSA Certified Level 1",)) -> psa.MicroserviceClaims:
@@ -206,6 +211,9 @@ def check(raw: Any) -> None:
     except FormatError as exc:
         expected = exc
     fast = psa._decode_fast(decoded)
+    _same_schema_verdicts(decoded)
+    fast_python = psa._decode_fast(decoded, python=True)  # the pure-Python schema checker
+    assert repr(fast_python) == repr(fast)
     if isinstance(expected, FormatError):
         assert fast is None, (expected.rule, expected.subject, raw)
         with pytest.raises(FormatError) as info:
@@ -222,6 +230,12 @@ def check(raw: Any) -> None:
         got = psa.decode_claims(wire)
         assert got == expected
         assert repr(got) == repr(expected)
+
+
+def _same_schema_verdicts(decoded: Any) -> None:
+    """Both schema checkers give the same verdict (the same broken rule) under every fast-path schema."""
+    for checker in psa._FAST_SCHEMAS.values():
+        assert checker.check(decoded) == checker.check_python(decoded)
 
 
 def _set(target: dict[Any, Any], key: Any, value: Any) -> None:

@@ -386,3 +386,27 @@ def test_mac0_rules() -> None:
     _format_error("cose.alg-unprotected", cose.parse, data)
     detached = cose.parse(cose.mac0(PAYLOAD, HMAC_KEY, detached=True))
     _format_error("cose.payload", cose.verify_mac0, detached, HMAC_KEY)
+
+
+# -- the DER signature verify_sign1 hands to OpenSSL -----------------------------------------------
+
+_EDGES = [0, 1, 0x7F, 0x80, 0xFF, 0x100, 2**248 - 1, 2**248, 2**255 - 1, 2**255, 2**256 - 1]
+
+
+@pytest.mark.parametrize("r", _EDGES)
+@pytest.mark.parametrize("s", _EDGES)
+def test_der_signature_is_encode_dss_signature(r: int, s: int) -> None:
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    assert cose._der_signature(raw) == encode_dss_signature(r, s)
+
+
+def test_parse_builds_the_same_message_as_the_constructor() -> None:
+    token = cose.sign1(PAYLOAD, ES256_KEY, kid=b"k", unprotected={3: "text/plain"})
+    msg = cose.parse(token)
+    expected = cose.CoseMessage(
+        "sign1", msg.protected_bytes, {1: -7, 4: b"k"}, {3: "text/plain"}, PAYLOAD, msg.tag, -7, True
+    )
+    assert msg == expected
+    assert repr(msg) == repr(expected)

@@ -156,6 +156,24 @@ def test_microservice_token_mac0_round_trip() -> None:
     assert verified.claims.microservices() == (ms(),)
 
 
+def test_a_token_verifier_is_verify_token_for_many_tokens() -> None:
+    verifier = at.TokenVerifier(PUB, HMAC_KEY)
+    for token in (at.sign_token(device_claims(), KEY), at.mac_token(ms_claims(), HMAC_KEY)):
+        for _ in range(2):  # nothing about one token carries over to the next
+            assert verifier.verify(token, NONCE) == at.verify_token(token, PUB, HMAC_KEY, NONCE)
+    assert verifier.verify(at.sign_token(device_claims(), KEY)).signer == signer_id(PUB)
+    assert rule_of(lambda: verifier.verify(at.sign_token(device_claims(), KEY), b"\0" * 32))[:2] == (
+        TrustError,
+        "attest.nonce",
+    )
+    other = generate("es256").public_key()  # type: ignore[union-attr]
+    forged = at.sign_token(device_claims(), generate("es256"))  # type: ignore[arg-type]
+    assert rule_of(lambda: at.TokenVerifier(other).verify(forged))[:2] == (SignatureError, "cose.signature")
+    assert rule_of(at.TokenVerifier)[:2] == (UsageError, "attest.key")
+    mac_only = at.TokenVerifier(hmac_key=HMAC_KEY)
+    assert rule_of(lambda: mac_only.verify(at.sign_token(device_claims(), KEY)))[:2] == (UsageError, "attest.key")
+
+
 def test_sign_with_an_external_signer_like_the_key_store() -> None:
     def keystore_sign(message: bytes) -> bytes:
         r, s = decode_dss_signature(KEY.sign(message, ec.ECDSA(hashes.SHA256())))

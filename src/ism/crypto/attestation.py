@@ -3,9 +3,11 @@
 Owns: creating a token (COSE_Sign1 with ES256, tag 18, or COSE_Mac0 with
 HMAC 256/256, tag 17) over a :class:`~ism.formats.psa.Claims` payload;
 verifying one (signature or MAC first, then the claims under their profile,
-then the caller's nonce); and the appraisal of verified claims against a
-:class:`~ism.formats.psa.Reference` into ``affirming`` / ``warning`` /
-``contraindicated`` with a reason per component (docs/attestation.md). The
+then the caller's nonce: :class:`TokenVerifier`, built once per trusted key
+set, or :func:`verify_token` for a single token); and the appraisal of
+verified claims against a :class:`~ism.formats.psa.Reference` into
+``affirming`` / ``warning`` / ``contraindicated`` with a reason per
+component (docs/attestation.md). The
 verifier is pure: no files, clock or randomness, so the store can share it.
 Must not import: device, hypervisor, services, agent, store, cli.
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ism.crypto import cose
 from ism.crypto.keys import PrivateKey, PublicKey, signer_id
@@ -49,6 +51,7 @@ __all__ = [
     "Appraisal",
     "ComponentAppraisal",
     "Status",
+    "TokenVerifier",
     "VerifiedToken",
     "appraise",
     "compare_versions",
@@ -170,16 +173,84 @@ class VerifiedToken:
         }
 
 
+class TokenVerifier:
+    """Verifies PSA tokens under one trusted key set: built once, then used for every token.
+
+    What depends on the keys alone is done here once rather than per token: the signer ID of the
+    public key (what :attr:`VerifiedToken.signer` reports). Nothing about a token is kept: every
+    call of :meth:`verify` checks its token from scratch, in the order of :func:`verify_token`.
+
+    Args:
+        key: the attestation public key (P-256, or Ed25519), for COSE_Sign1.
+        hmac_key: the symmetric attestation key, for COSE_Mac0.
+
+    Raises:
+        UsageError: ``attest.key`` if neither key is given.
+    """
+
+    __slots__ = ("_hmac_key", "_key", "_signer")
+
+    def __init__(self, key: PublicKey | None = None, hmac_key: bytes | None = None) -> None:
+        if key is None and hmac_key is None:
+            raise UsageError("attest.key", "a public key or an HMAC key is needed to verify a token")
+        self._key = key
+        self._hmac_key = hmac_key
+        # Only a key cose.verify_sign1 can use ever verifies a token: the others never need a signer ID.
+        usable = isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+        self._signer = signer_id(key) if key is not None and usable else None
+
+    def verify(self, data: bytes, nonce: bytes | None = None) -> VerifiedToken:
+        """Verifies a PSA token: COSE_Sign1 under the public key or COSE_Mac0 under the HMAC key.
+
+        Order: size, COSE structure (tag 18 or 17; ``alg`` protected), signature or
+        MAC, then the claims (strict, per profile), then the nonce.
+
+        Args:
+            data: the tagged COSE message.
+            nonce: if given, the token's nonce must equal it.
+
+        Returns:
+            The verified token.
+
+        Raises:
+            UsageError: ``attest.key`` if no key fits the token's kind.
+            FormatError: ``attest.token-size``, ``attest.payload``, ``cose.*``,
+                ``cbor.*`` or the ``attest.*`` claim rules of :func:`decode_claims`.
+            SignatureError: ``cose.signature`` / ``cose.alg-key`` (one code).
+            TrustError: ``attest.nonce`` if the nonce differs.
+        """
+        if len(data) > MAX_TOKEN:
+            raise FormatError("attest.token-size", f"token is larger than {MAX_TOKEN} bytes", got=len(data))
+        msg = cose.parse(bytes(data))
+        if msg.payload is None:
+            raise FormatError("attest.payload", "the token has no payload (detached claims are not supported)")
+        signer = None
+        if msg.kind == "sign1":
+            if self._key is None:
+                raise UsageError("attest.key", "the token is a COSE_Sign1: verifying it needs a public key")
+            cose.verify_sign1(msg, self._key)
+            signer = self._signer
+        else:
+            if self._hmac_key is None:
+                raise UsageError("attest.key", "the token is a COSE_Mac0: verifying it needs an HMAC key")
+            cose.verify_mac0(msg, self._hmac_key)
+        claims = decode_claims(msg.payload)
+        if nonce is not None and not hmac.compare_digest(nonce, claims.nonce):
+            raise TrustError(
+                "attest.nonce", "the token's nonce is not the expected one", got=claims.nonce, expected=nonce
+            )
+        return VerifiedToken(claims, msg.kind, msg.alg_name, msg.kid, signer)
+
+
 def verify_token(
     data: bytes,
     key: PublicKey | None = None,
     hmac_key: bytes | None = None,
     nonce: bytes | None = None,
 ) -> VerifiedToken:
-    """Verifies a PSA token: COSE_Sign1 under ``key`` or COSE_Mac0 under ``hmac_key``.
+    """Verifies one PSA token: ``TokenVerifier(key, hmac_key).verify(data, nonce)``.
 
-    Order: size, COSE structure (tag 18 or 17; ``alg`` protected), signature or
-    MAC, then the claims (strict, per profile), then the nonce.
+    A verifier that checks many tokens under the same keys builds a :class:`TokenVerifier` once.
 
     Args:
         data: the tagged COSE message.
@@ -197,27 +268,7 @@ def verify_token(
         SignatureError: ``cose.signature`` / ``cose.alg-key`` (one code).
         TrustError: ``attest.nonce`` if the nonce differs.
     """
-    if key is None and hmac_key is None:
-        raise UsageError("attest.key", "a public key or an HMAC key is needed to verify a token")
-    if len(data) > MAX_TOKEN:
-        raise FormatError("attest.token-size", f"token is larger than {MAX_TOKEN} bytes", got=len(data))
-    msg = cose.parse(bytes(data))
-    if msg.payload is None:
-        raise FormatError("attest.payload", "the token has no payload (detached claims are not supported)")
-    signer = None
-    if msg.kind == "sign1":
-        if key is None:
-            raise UsageError("attest.key", "the token is a COSE_Sign1: verifying it needs a public key")
-        cose.verify_sign1(msg, key)
-        signer = signer_id(key)
-    else:
-        if hmac_key is None:
-            raise UsageError("attest.key", "the token is a COSE_Mac0: verifying it needs an HMAC key")
-        cose.verify_mac0(msg, hmac_key)
-    claims = decode_claims(msg.payload)
-    if nonce is not None and not hmac.compare_digest(nonce, claims.nonce):
-        raise TrustError("attest.nonce", "the token's nonce is not the expected one", got=claims.nonce, expected=nonce)
-    return VerifiedToken(claims, msg.kind, msg.alg_name, msg.kid, signer)
+    return TokenVerifier(key, hmac_key).verify(data, nonce)
 
 
 # -- appraisal ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
 from cryptography.exceptions import InvalidSignature
@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
-    encode_dss_signature,
 )
 
 from ism.crypto.keys import PrivateKey, PublicKey
@@ -136,7 +135,7 @@ def parse(data: bytes | Any, expect: Kind | None = None) -> CoseMessage:
         raise FormatError("cose.payload", "payload must be a byte string or nil")
     if not isinstance(tag, bytes):
         raise FormatError("cose.signature", "signature/tag must be a byte string")
-    common = set(protected) & set(unprotected)
+    common = set(protected) & set(unprotected) if unprotected else None
     if common:
         raise FormatError("cose.header-duplicate", "label in both header buckets", got=sorted(map(str, common)))
     if HDR_ALG in unprotected:
@@ -161,7 +160,25 @@ def parse(data: bytes | Any, expect: Kind | None = None) -> CoseMessage:
         absent = [c for c in crit if c not in protected]
         if absent:
             raise FormatError("cose.crit", "crit names a label that is not in the protected header", got=absent)
-    return CoseMessage(kind, protected_bytes, protected, unprotected, payload, tag, alg, tagged)
+    # Every field was checked above: the message is built without the dataclass __init__'s generic setattrs.
+    out = _new(CoseMessage)
+    s0, s1, s2, s3, s4, s5, s6, s7 = _MESSAGE_SET
+    s0(out, kind)
+    s1(out, protected_bytes)
+    s2(out, protected)
+    s3(out, unprotected)
+    s4(out, payload)
+    s5(out, tag)
+    s6(out, alg)
+    s7(out, tagged)
+    return out
+
+
+_new: Final = object.__new__
+_MESSAGE_FIELDS: Final = ("kind", "protected_bytes", "protected", "unprotected", "payload", "tag", "alg", "tagged")
+if tuple(f.name for f in fields(CoseMessage)) != _MESSAGE_FIELDS:  # pragma: no cover - a guard for edits
+    raise AssertionError("CoseMessage fields changed: parse needs updating")
+_MESSAGE_SET: Final = tuple(getattr(CoseMessage, name).__set__ for name in _MESSAGE_FIELDS)
 
 
 def _content(msg: CoseMessage, detached: bytes | None) -> bytes:
@@ -182,6 +199,24 @@ def _tbs(context: str, protected: bytes, aad: bytes, payload: bytes) -> bytes:
     return b"".join((b"\x84", encoded, cbor.dumps(protected), cbor.dumps(aad), cbor.dumps(payload)))
 
 
+def _der_integer(raw: bytes) -> bytes:
+    """A DER INTEGER of the unsigned big-endian ``raw`` (at most 32 bytes): minimal, positive."""
+    value = raw.lstrip(b"\0")
+    if not value or value[0] & 0x80:
+        value = b"\0" + value
+    return b"\x02" + _LENGTHS[len(value)] + value
+
+
+def _der_signature(raw: bytes) -> bytes:
+    """r||s (64 bytes) as the DER ECDSA-Sig-Value ``encode_dss_signature`` makes of the two integers."""
+    body = _der_integer(raw[:32]) + _der_integer(raw[32:])
+    return b"\x30" + _LENGTHS[len(body)] + body
+
+
+#: One-byte DER lengths (a P-256 signature never needs more than 70).
+_LENGTHS: Final = tuple(bytes((n,)) for n in range(128))
+
+
 def verify_sign1(msg: CoseMessage, key: PublicKey, *, detached_payload: bytes | None = None, aad: bytes = b"") -> None:
     """Verifies a COSE_Sign1 under ``key``. Returns None or raises.
 
@@ -200,8 +235,7 @@ def verify_sign1(msg: CoseMessage, key: PublicKey, *, detached_payload: bytes | 
                 raise SignatureError("cose.alg-key", f"{msg.alg_name} needs a P-256 key")
             if len(msg.tag) != 64:
                 raise SignatureError("cose.signature", "ES256 signature must be 64 bytes", got=len(msg.tag))
-            der = encode_dss_signature(int.from_bytes(msg.tag[:32], "big"), int.from_bytes(msg.tag[32:], "big"))
-            key.verify(der, tbs, _ECDSA_SHA256)
+            key.verify(_der_signature(msg.tag), tbs, _ECDSA_SHA256)
         else:
             if not isinstance(key, ed25519.Ed25519PublicKey):
                 raise SignatureError("cose.alg-key", "EdDSA needs an Ed25519 key")

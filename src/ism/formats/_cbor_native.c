@@ -617,9 +617,576 @@ native_configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ---- the schema checker -------------------------------------------------------------------------
+ *
+ * check(value, schema): whether an already decoded value conforms to a table of rules — types,
+ * sizes, ranges, enumerations, presence of map keys, no unknown keys — built once by schema(tree)
+ * from the tuple tree ism.formats.cbor_schema compiles (that module's pure-Python checker is the
+ * reference, interpreting the same tree). It returns None, or the index of the rule the value
+ * breaks (the first one in the traversal order both implementations share); it never explains a
+ * failure: the caller re-runs its own checked decoder, which raises the error.
+ *
+ * Tree nodes (index = the rule's pre-order number):
+ *   (index, 1 BYTES,  min, max, sizes)        exact bytes, min <= len <= max, len in sizes if any
+ *   (index, 2 TEXT,   min, max, one_of)       exact str, min <= code points <= max, in one_of if a frozenset
+ *   (index, 3 INT,    ranges)                 exact int (not bool) within one of the (lo, hi) ranges
+ *   (index, 4 ARRAY,  min, max, item)         exact list, min <= len <= max, every item
+ *   (index, 5 RECORD, fields)                 exact dict, no key but the fields' keys; per field
+ *                                             (key, required, nullable, rule): missing and required,
+ *                                             or present (not None when nullable) and breaking rule
+ *   (index, 6 MAPOF,  min, max, key, value)   exact dict, min <= len <= max, every key and value
+ *
+ * Order: a node's own checks first (type, size, unknown keys), then its children in order (record
+ * fields in schema order, list items and map entries in their order; a map entry's key before its
+ * value). Values are only read: borrowed items are held while they are checked.
+ */
+
+enum { RULE_BYTES = 1, RULE_TEXT, RULE_INT, RULE_ARRAY, RULE_RECORD, RULE_MAPOF };
+#define SCHEMA_MAX_DEPTH 64
+#define SCHEMA_MAX_FIELDS 64
+#define SCHEMA_CAPSULE "ism.formats._cbor_native.schema"
+/* check_rule results besides a rule index: */
+#define CHECK_OK (-1)
+#define CHECK_ERROR (-2)
+
+typedef struct Rule Rule;
+
+typedef struct {
+    PyObject *lo, *hi;   /* inclusive bounds (Python ints) */
+    long long clo, chi;  /* the same as C integers, when both fit */
+    int fits;
+} Range;
+
+typedef struct {
+    PyObject *key;
+    int required;
+    int nullable;
+    Rule *rule;
+} Field;
+
+struct Rule {
+    Py_ssize_t index;
+    int kind;
+    Py_ssize_t min, max;
+    Py_ssize_t nsizes;
+    Py_ssize_t *sizes;
+    PyObject *one_of;  /* TEXT: a frozenset, or NULL */
+    Py_ssize_t nranges;
+    Range *ranges;
+    Rule *item;        /* ARRAY: the items; MAPOF: the keys */
+    Rule *value;       /* MAPOF: the values */
+    Py_ssize_t nfields;
+    Field *fields;
+};
+
+static void
+rule_free(Rule *r)
+{
+    if (r == NULL) {
+        return;
+    }
+    PyMem_Free(r->sizes);
+    Py_XDECREF(r->one_of);
+    for (Py_ssize_t i = 0; i < r->nranges; i++) {
+        Py_XDECREF(r->ranges[i].lo);
+        Py_XDECREF(r->ranges[i].hi);
+    }
+    PyMem_Free(r->ranges);
+    rule_free(r->item);
+    rule_free(r->value);
+    for (Py_ssize_t i = 0; i < r->nfields; i++) {
+        Py_XDECREF(r->fields[i].key);
+        rule_free(r->fields[i].rule);
+    }
+    PyMem_Free(r->fields);
+    PyMem_Free(r);
+}
+
+static int
+bad_tree(const char *why)
+{
+    PyErr_Format(PyExc_ValueError, "malformed schema tree: %s", why);
+    return -1;
+}
+
+/* A non-negative Py_ssize_t from an exact int; -1 with an exception otherwise. */
+static Py_ssize_t
+tree_size(PyObject *obj)
+{
+    Py_ssize_t v;
+
+    if (!PyLong_CheckExact(obj)) {
+        bad_tree("a size is not an int");
+        return -1;
+    }
+    v = PyLong_AsSsize_t(obj);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v < 0) {
+        bad_tree("a size is negative");
+        return -1;
+    }
+    return v;
+}
+
+static int
+tree_bool(PyObject *obj)
+{
+    if (obj == Py_True) {
+        return 1;
+    }
+    if (obj == Py_False) {
+        return 0;
+    }
+    return bad_tree("a flag is not a bool");
+}
+
+static Rule *compile_rule(PyObject *node, int depth);
+
+static int
+compile_bounds(Rule *r, PyObject *node, Py_ssize_t at)
+{
+    r->min = tree_size(PyTuple_GET_ITEM(node, at));
+    if (r->min < 0) {
+        return -1;
+    }
+    r->max = tree_size(PyTuple_GET_ITEM(node, at + 1));
+    if (r->max < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static int
+compile_ranges(Rule *r, PyObject *ranges)
+{
+    Py_ssize_t n;
+
+    if (!PyTuple_CheckExact(ranges)) {
+        return bad_tree("INT ranges are not a tuple");
+    }
+    n = PyTuple_GET_SIZE(ranges);
+    r->ranges = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Range));
+    if (r->ranges == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(ranges, i);
+        Range *range = &r->ranges[i];
+        int lo_over = 0, hi_over = 0;
+
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(pair, 0))
+            || !PyLong_CheckExact(PyTuple_GET_ITEM(pair, 1))) {
+            return bad_tree("an INT range is not a pair of ints");
+        }
+        range->lo = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+        range->hi = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+        r->nranges = i + 1;
+        range->clo = PyLong_AsLongLongAndOverflow(range->lo, &lo_over);
+        range->chi = PyLong_AsLongLongAndOverflow(range->hi, &hi_over);
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        range->fits = lo_over == 0 && hi_over == 0;
+    }
+    return 0;
+}
+
+static int
+compile_fields(Rule *r, PyObject *fields, int depth)
+{
+    Py_ssize_t n;
+
+    if (!PyTuple_CheckExact(fields)) {
+        return bad_tree("RECORD fields are not a tuple");
+    }
+    n = PyTuple_GET_SIZE(fields);
+    if (n > SCHEMA_MAX_FIELDS) {
+        return bad_tree("a RECORD has too many fields");
+    }
+    r->fields = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Field));
+    if (r->fields == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(fields, i);
+        Field *f = &r->fields[i];
+
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 4) {
+            return bad_tree("a RECORD field is not a 4-tuple");
+        }
+        if (PyObject_Hash(PyTuple_GET_ITEM(entry, 0)) == -1) {
+            return -1;
+        }
+        f->key = Py_NewRef(PyTuple_GET_ITEM(entry, 0));
+        r->nfields = i + 1;
+        f->required = tree_bool(PyTuple_GET_ITEM(entry, 1));
+        f->nullable = tree_bool(PyTuple_GET_ITEM(entry, 2));
+        if (f->required < 0 || f->nullable < 0) {
+            return -1;
+        }
+        f->rule = compile_rule(PyTuple_GET_ITEM(entry, 3), depth + 1);
+        if (f->rule == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static Rule *
+compile_rule(PyObject *node, int depth)
+{
+    static const Py_ssize_t sizes_of[] = {0, 5, 5, 3, 5, 3, 6};
+    Rule *r;
+    Py_ssize_t index;
+    long kind;
+
+    if (depth > SCHEMA_MAX_DEPTH) {
+        bad_tree("nested too deep");
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(node) || PyTuple_GET_SIZE(node) < 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(node, 1))) {
+        bad_tree("a node is not a tuple (index, kind, ...)");
+        return NULL;
+    }
+    index = tree_size(PyTuple_GET_ITEM(node, 0));
+    if (index < 0) {
+        return NULL;
+    }
+    kind = PyLong_AsLong(PyTuple_GET_ITEM(node, 1));
+    if (kind < RULE_BYTES || kind > RULE_MAPOF) {
+        PyErr_Clear();
+        bad_tree("unknown kind");
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(node) != sizes_of[kind]) {
+        bad_tree("a node has the wrong length for its kind");
+        return NULL;
+    }
+    r = PyMem_Calloc(1, sizeof(Rule));
+    if (r == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    r->index = index;
+    r->kind = (int)kind;
+    switch (r->kind) {
+    case RULE_BYTES: {
+        PyObject *sizes = PyTuple_GET_ITEM(node, 4);
+        if (compile_bounds(r, node, 2) < 0) {
+            goto error;
+        }
+        if (!PyTuple_CheckExact(sizes)) {
+            bad_tree("BYTES sizes are not a tuple");
+            goto error;
+        }
+        r->sizes = PyMem_Calloc(PyTuple_GET_SIZE(sizes) ? (size_t)PyTuple_GET_SIZE(sizes) : 1, sizeof(Py_ssize_t));
+        if (r->sizes == NULL) {
+            PyErr_NoMemory();
+            goto error;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(sizes); i++) {
+            r->sizes[i] = tree_size(PyTuple_GET_ITEM(sizes, i));
+            if (r->sizes[i] < 0) {
+                goto error;
+            }
+            r->nsizes = i + 1;
+        }
+        break;
+    }
+    case RULE_TEXT: {
+        PyObject *one_of = PyTuple_GET_ITEM(node, 4);
+        if (compile_bounds(r, node, 2) < 0) {
+            goto error;
+        }
+        if (one_of != Py_None) {
+            if (!PyFrozenSet_CheckExact(one_of)) {
+                bad_tree("TEXT one_of is not a frozenset");
+                goto error;
+            }
+            r->one_of = Py_NewRef(one_of);
+        }
+        break;
+    }
+    case RULE_INT:
+        if (compile_ranges(r, PyTuple_GET_ITEM(node, 2)) < 0) {
+            goto error;
+        }
+        break;
+    case RULE_ARRAY:
+        if (compile_bounds(r, node, 2) < 0) {
+            goto error;
+        }
+        r->item = compile_rule(PyTuple_GET_ITEM(node, 4), depth + 1);
+        if (r->item == NULL) {
+            goto error;
+        }
+        break;
+    case RULE_RECORD:
+        if (compile_fields(r, PyTuple_GET_ITEM(node, 2), depth) < 0) {
+            goto error;
+        }
+        break;
+    default: /* RULE_MAPOF */
+        if (compile_bounds(r, node, 2) < 0) {
+            goto error;
+        }
+        r->item = compile_rule(PyTuple_GET_ITEM(node, 4), depth + 1);
+        if (r->item == NULL) {
+            goto error;
+        }
+        r->value = compile_rule(PyTuple_GET_ITEM(node, 5), depth + 1);
+        if (r->value == NULL) {
+            goto error;
+        }
+        break;
+    }
+    return r;
+error:
+    rule_free(r);
+    return NULL;
+}
+
+static Py_ssize_t check_rule(const Rule *r, PyObject *v);
+
+/* An exact int within one of the rule's ranges: 1 yes, 0 no, -1 error. */
+static int
+int_in_ranges(const Rule *r, PyObject *v)
+{
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+
+    if (x == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < r->nranges; i++) {
+        const Range *range = &r->ranges[i];
+        int ge, le;
+
+        if (overflow == 0 && range->fits) {
+            if (x >= range->clo && x <= range->chi) {
+                return 1;
+            }
+            continue;
+        }
+        ge = PyObject_RichCompareBool(v, range->lo, Py_GE);
+        if (ge < 0) {
+            return -1;
+        }
+        le = PyObject_RichCompareBool(v, range->hi, Py_LE);
+        if (le < 0) {
+            return -1;
+        }
+        if (ge && le) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static Py_ssize_t
+check_record(const Rule *r, PyObject *v)
+{
+    PyObject *found[SCHEMA_MAX_FIELDS];
+    Py_ssize_t present = 0, result = CHECK_OK, i;
+
+    if (!PyDict_CheckExact(v)) {
+        return r->index;
+    }
+    for (i = 0; i < r->nfields; i++) {
+        found[i] = PyDict_GetItemWithError(v, r->fields[i].key);
+        if (found[i] == NULL) {
+            if (PyErr_Occurred()) {
+                result = CHECK_ERROR;
+                break;
+            }
+            continue;
+        }
+        Py_INCREF(found[i]);
+        present++;
+    }
+    if (result == CHECK_OK && present != PyDict_GET_SIZE(v)) {
+        result = r->index; /* a key that is no field's */
+    }
+    for (Py_ssize_t j = 0; result == CHECK_OK && j < r->nfields; j++) {
+        const Field *f = &r->fields[j];
+        if (found[j] == NULL) {
+            if (f->required) {
+                result = f->rule->index;
+            }
+        }
+        else if (!(f->nullable && found[j] == Py_None)) {
+            result = check_rule(f->rule, found[j]);
+        }
+    }
+    for (Py_ssize_t j = 0; j < i; j++) {
+        Py_XDECREF(found[j]);
+    }
+    return result;
+}
+
+static Py_ssize_t
+check_rule(const Rule *r, PyObject *v)
+{
+    Py_ssize_t n, result;
+
+    switch (r->kind) {
+    case RULE_BYTES:
+        if (!PyBytes_CheckExact(v)) {
+            return r->index;
+        }
+        n = PyBytes_GET_SIZE(v);
+        if (n < r->min || n > r->max) {
+            return r->index;
+        }
+        if (r->nsizes) {
+            for (Py_ssize_t i = 0; i < r->nsizes; i++) {
+                if (r->sizes[i] == n) {
+                    return CHECK_OK;
+                }
+            }
+            return r->index;
+        }
+        return CHECK_OK;
+    case RULE_TEXT:
+        if (!PyUnicode_CheckExact(v)) {
+            return r->index;
+        }
+        n = PyUnicode_GET_LENGTH(v);
+        if (n < r->min || n > r->max) {
+            return r->index;
+        }
+        if (r->one_of != NULL) {
+            int in = PySet_Contains(r->one_of, v);
+            if (in < 0) {
+                return CHECK_ERROR;
+            }
+            return in ? CHECK_OK : r->index;
+        }
+        return CHECK_OK;
+    case RULE_INT: {
+        int in;
+        if (!PyLong_CheckExact(v)) {
+            return r->index;
+        }
+        in = int_in_ranges(r, v);
+        if (in < 0) {
+            return CHECK_ERROR;
+        }
+        return in ? CHECK_OK : r->index;
+    }
+    case RULE_ARRAY:
+        if (!PyList_CheckExact(v)) {
+            return r->index;
+        }
+        n = PyList_GET_SIZE(v);
+        if (n < r->min || n > r->max) {
+            return r->index;
+        }
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+            PyObject *item = Py_NewRef(PyList_GET_ITEM(v, i));
+            result = check_rule(r->item, item);
+            Py_DECREF(item);
+            if (result != CHECK_OK) {
+                return result;
+            }
+        }
+        return CHECK_OK;
+    case RULE_RECORD:
+        return check_record(r, v);
+    default: { /* RULE_MAPOF */
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        if (!PyDict_CheckExact(v)) {
+            return r->index;
+        }
+        n = PyDict_GET_SIZE(v);
+        if (n < r->min || n > r->max) {
+            return r->index;
+        }
+        while (PyDict_Next(v, &pos, &key, &value)) {
+            Py_INCREF(key);
+            Py_INCREF(value);
+            result = check_rule(r->item, key);
+            if (result == CHECK_OK) {
+                result = check_rule(r->value, value);
+            }
+            Py_DECREF(key);
+            Py_DECREF(value);
+            if (result != CHECK_OK) {
+                return result;
+            }
+        }
+        return CHECK_OK;
+    }
+    }
+}
+
+static void
+schema_destroy(PyObject *capsule)
+{
+    rule_free(PyCapsule_GetPointer(capsule, SCHEMA_CAPSULE));
+}
+
+PyDoc_STRVAR(schema_doc,
+"schema(tree, /)\n--\n\n"
+"Compiles a rule tree of ism.formats.cbor_schema into an opaque schema for check().");
+
+static PyObject *
+native_schema(PyObject *module, PyObject *tree)
+{
+    PyObject *capsule;
+    Rule *root;
+
+    (void)module;
+    root = compile_rule(tree, 0);
+    if (root == NULL) {
+        return NULL;
+    }
+    capsule = PyCapsule_New(root, SCHEMA_CAPSULE, schema_destroy);
+    if (capsule == NULL) {
+        rule_free(root);
+    }
+    return capsule;
+}
+
+PyDoc_STRVAR(check_doc,
+"check(value, schema, /)\n--\n\n"
+"None if the decoded value conforms to the schema, else the index of the rule it breaks.");
+
+static PyObject *
+native_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const Rule *root;
+    Py_ssize_t result;
+
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "check() takes exactly 2 arguments");
+        return NULL;
+    }
+    root = PyCapsule_GetPointer(args[1], SCHEMA_CAPSULE);
+    if (root == NULL) {
+        return NULL;
+    }
+    result = check_rule(root, args[0]);
+    if (result == CHECK_ERROR) {
+        return NULL;
+    }
+    if (result == CHECK_OK) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromSsize_t(result);
+}
+
 static PyMethodDef methods[] = {
     {"loads", (PyCFunction)(void (*)(void))native_loads, METH_FASTCALL, loads_doc},
     {"configure", (PyCFunction)(void (*)(void))native_configure, METH_FASTCALL, configure_doc},
+    {"schema", native_schema, METH_O, schema_doc},
+    {"check", (PyCFunction)(void (*)(void))native_check, METH_FASTCALL, check_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,4 +1,4 @@
-"""Type stub for the optional C extension: the native strict CBOR decoder (see ``_cbor_native.c``)."""
+"""Type stub for the optional C extension: the native strict CBOR decoder and schema checker (``_cbor_native.c``)."""
 
 from typing import Any, Final
 
@@ -10,3 +10,8 @@ class Invalid(Exception):
 
 def configure(tag: type, undefined: object, /) -> None: ...
 def loads(data: bytes, max_depth: int, max_items: int, allow_indefinite: bool, /) -> Any: ...
+def schema(tree: tuple[Any, ...], /) -> object:
+    """Compiles a rule tree of ``ism.formats.cbor_schema`` (an opaque schema for :func:`check`)."""
+
+def check(value: Any, schema: object, /) -> int | None:
+    """None if ``value`` conforms to ``schema``, else the index of the rule it breaks."""

@@ -33,13 +33,14 @@ import operator
 import re
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from functools import partial
 from typing import Any, Final, TypeVar
 
 from ism.errors import FormatError
 from ism.formats import cbor
+from ism.formats import cbor_schema as schema
 
 __all__ = [
     "CLAIMS_LIMITS",
@@ -150,11 +151,12 @@ _LIFECYCLE_BY_MAJOR: Final = {v >> 8: k for k, v in LIFECYCLE_STATES.items()}
 MS_LIFECYCLES: Final = ("installed", "active", "suspended", "quarantined", "removed", "banned")
 
 _HASH_SIZES: Final = (32, 48, 64)
-_CERT_REF_RE: Final = re.compile(r"^[0-9]{13}(-[0-9]{5})?\Z")
-_MS_NAME_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
+# Patterns for ``fullmatch`` (the whole string), with non-capturing groups: nothing is extracted.
+_CERT_REF_RE: Final = re.compile(r"[0-9]{13}(?:-[0-9]{5})?")
+_MS_NAME_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _SEMVER_RE: Final = re.compile(
-    r"^(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})"
-    r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?\Z"
+    r"(?:0|[1-9]\d{0,8})\.(?:0|[1-9]\d{0,8})\.(?:0|[1-9]\d{0,8})"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?"
 )
 _INT32: Final = 2**31
 _UINT64: Final = 2**64
@@ -336,11 +338,17 @@ def _refuse_unknown(raw: Mapping[Any, Any], allowed: set[int] | frozenset[int], 
 # -- iSM microservice claims ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, repr=False)
 class MicroserviceClaims:
-    """The iSM claims about one microservice (docs/attestation.md, "The microservice profile")."""
+    """The iSM claims about one microservice (docs/attestation.md, "The microservice profile").
 
-    uuid: uuidlib.UUID
+    Constructed as ``MicroserviceClaims(uuid, name, version, sequence, measurement, signer,
+    policy_digest, lifecycle, certifications=())``, every claim checked. The UUID is kept as its
+    16 bytes (``uuid_bytes``, what the claim carries and what equality compares); the
+    :class:`uuid.UUID` object is built on first use of :attr:`uuid` for decoded claims.
+    """
+
+    uuid_bytes: bytes
     name: str
     version: str
     sequence: int
@@ -349,13 +357,58 @@ class MicroserviceClaims:
     policy_digest: bytes
     lifecycle: str
     certifications: tuple[str, ...] = ()
+    _uuid: uuidlib.UUID | None = field(default=None, compare=False)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.uuid, uuidlib.UUID):
-            raise _type_error("ms-uuid", "a UUID", self.uuid)
-        if not isinstance(self.name, str) or not _MS_NAME_RE.match(self.name):
+    def __init__(
+        self,
+        uuid: uuidlib.UUID,
+        name: str,
+        version: str,
+        sequence: int,
+        measurement: bytes,
+        signer: bytes,
+        policy_digest: bytes,
+        lifecycle: str,
+        certifications: tuple[str, ...] = (),
+    ) -> None:
+        if not isinstance(uuid, uuidlib.UUID):
+            raise _type_error("ms-uuid", "a UUID", uuid)
+        for slot, value in (
+            ("uuid_bytes", uuid.bytes),
+            ("name", name),
+            ("version", version),
+            ("sequence", sequence),
+            ("measurement", measurement),
+            ("signer", signer),
+            ("policy_digest", policy_digest),
+            ("lifecycle", lifecycle),
+            ("certifications", certifications),
+            ("_uuid", uuid),
+        ):
+            object.__setattr__(self, slot, value)
+        self._check()
+
+    @property
+    def uuid(self) -> uuidlib.UUID:
+        """The microservice UUID."""
+        value = self._uuid
+        if value is None:  # decoded claims: built once, on first use
+            value = uuidlib.UUID(bytes=self.uuid_bytes)
+            object.__setattr__(self, "_uuid", value)
+        return value
+
+    def __repr__(self) -> str:
+        return (
+            f"MicroserviceClaims(uuid={self.uuid!r}, name={self.name!r}, version={self.version!r}, "
+            f"sequence={self.sequence!r}, measurement={self.measurement!r}, signer={self.signer!r}, "
+            f"policy_digest={self.policy_digest!r}, lifecycle={self.lifecycle!r}, "
+            f"certifications={self.certifications!r})"
+        )
+
+    def _check(self) -> None:
+        if not isinstance(self.name, str) or not _MS_NAME_RE.fullmatch(self.name):
             raise _value_error("ms-name", "must be lower-case letters, digits and '-' (1..32)", self.name)
-        if not isinstance(self.version, str) or not _SEMVER_RE.match(self.version):
+        if not isinstance(self.version, str) or not _SEMVER_RE.fullmatch(self.version):
             raise _value_error("ms-version", "is not a semantic version", self.version)
         seq = _int(self.sequence, "ms-sequence")
         if not 0 <= seq < _UINT64:
@@ -380,7 +433,7 @@ class MicroserviceClaims:
 
     def encode(self) -> dict[int, Any]:
         out: dict[int, Any] = {
-            MS_UUID: self.uuid.bytes,
+            MS_UUID: self.uuid_bytes,
             MS_NAME: self.name,
             MS_VERSION: self.version,
             MS_SEQUENCE: self.sequence,
@@ -559,7 +612,7 @@ class Claims:
             _sized(self.boot_seed, "boot-seed", *((32, 32) if legacy_p1 else (8, 32)))
         elif legacy_p1:
             raise FormatError("attest.missing", "mandatory claim boot-seed is missing", subject="boot-seed")
-        if self.certification_reference is not None and not _CERT_REF_RE.match(
+        if self.certification_reference is not None and not _CERT_REF_RE.fullmatch(
             _text(self.certification_reference, "certification-reference")
         ):
             raise _value_error("certification-reference", "must be EAN-13 or EAN-13+5", self.certification_reference)
@@ -628,7 +681,7 @@ class Claims:
                 "attest.size", f"more than {MAX_SUBMODS} submodules", subject="submods", got=len(self.submods)
             )
         names = [m.name for m in self.submods]
-        uuids = [m.uuid for m in self.submods]
+        uuids = [m.uuid_bytes for m in self.submods]
         if len(set(names)) != len(names) or len(set(uuids)) != len(uuids):
             raise FormatError("attest.submod", "two submodules name the same microservice", subject="submods")
         if self.lifecycle_log is not None:
@@ -791,14 +844,16 @@ def _submods(raw: Any) -> tuple[MicroserviceClaims, ...]:
 
 # -- the fast path --------------------------------------------------------------------------------
 #
-# A token is verified far more often than it is malformed. ``_decode_fast`` makes the checks of
-# ``_decode_checked`` and of the constructors' ``__post_init__`` (every type, size, range, pattern,
-# mandatory and unknown claim) once each, builds the objects without checking them a second time,
-# and returns None at the first thing it does not accept, or for a profile it does not handle (the
-# legacy ones): ``decode_claims`` then runs ``_decode_checked``, which raises the error. So the fast
-# path can only accept what the checked path accepts, giving equal objects, and every error still
-# comes from one place. A check added to a constructor or to the checked decoder must be added here
-# too; tests/unit/test_cbor_claims.py compares the two paths on mutated claims-sets.
+# A token is verified far more often than it is malformed. ``_decode_fast`` checks a claims-set
+# against the schema of its profile (``ism.formats.cbor_schema``: every type, size, range,
+# enumeration, mandatory and unknown claim, in the native extension when it is built), makes the
+# checks a schema cannot state (patterns, the UEID type byte, submodule names, unique UUIDs) and
+# builds the objects without checking them a second time. It returns None at the first thing it does
+# not accept, or for a profile it does not handle (the legacy ones): ``decode_claims`` then runs
+# ``_decode_checked``, which raises the error. So the fast path can only accept what the checked path
+# accepts, giving equal objects, and every error still comes from one place. A check added to a
+# constructor or to the checked decoder must be added here too; tests/unit/test_cbor_claims.py
+# compares the two paths on mutated claims-sets, with the native and the pure-Python schema checker.
 
 _new = object.__new__
 
@@ -816,7 +871,18 @@ _SW_SET: Final = _setters(
 )
 _MS_SET: Final = _setters(
     MicroserviceClaims,
-    ("uuid", "name", "version", "sequence", "measurement", "signer", "policy_digest", "lifecycle", "certifications"),
+    (
+        "uuid_bytes",
+        "name",
+        "version",
+        "sequence",
+        "measurement",
+        "signer",
+        "policy_digest",
+        "lifecycle",
+        "certifications",
+        "_uuid",
+    ),
 )
 _CLAIMS_SET: Final = _setters(
     Claims,
@@ -838,91 +904,102 @@ _CLAIMS_SET: Final = _setters(
         "lifecycle_log",
     ),
 )
-_HASH_SIZE_SET: Final = frozenset(_HASH_SIZES)
-_MS_LIFECYCLE_SET: Final = frozenset(MS_LIFECYCLES)
 _MS_REQUIRED: Final = operator.itemgetter(
     MS_UUID, MS_NAME, MS_VERSION, MS_SEQUENCE, MS_MEASUREMENT, MS_SIGNER, MS_POLICY_DIGEST, MS_LIFECYCLE
 )
 _PSA_REQUIRED: Final = operator.itemgetter(
-    EAT_PROFILE, EAT_NONCE, EAT_UEID, PSA_IMPLEMENTATION_ID, PSA_CLIENT_ID, PSA_LIFECYCLE, PSA_SOFTWARE_COMPONENTS
+    EAT_NONCE, EAT_UEID, PSA_IMPLEMENTATION_ID, PSA_CLIENT_ID, PSA_LIFECYCLE, PSA_SOFTWARE_COMPONENTS
 )
-#: The claims each profile the fast path handles allows (``_decode_checked``'s ``_refuse_unknown``).
-_FAST_ALLOWED: Final[Mapping[str, frozenset[int]]] = {
-    PROFILE_PSA: _RFC9783_KEYS.all() | _EXTRA_KEYS[PROFILE_PSA],
-    PROFILE_MICROSERVICE: _RFC9783_KEYS.all() | _EXTRA_KEYS[PROFILE_MICROSERVICE],
-}
 _NO_CERTIFICATIONS: Final[list[Any]] = []
-_ABSENT: Final = object()
+
+# What the schemas state, claim by claim, is what _decode_checked and the constructors check for the
+# claim's type, size, range, enumeration and presence, and the keys each map may hold
+# (``_refuse_unknown``). The checks they cannot state — the patterns (microservice name, semantic
+# version, certification reference), the UEID's type byte, a submodule named after its
+# microservice, unique microservice UUIDs — the builders below make.
+_HASH: Final = schema.Bytes(sizes=_HASH_SIZES)
+_OPTIONAL_TEXT: Final = schema.Text(max_len=MAX_TEXT)
+_COMPONENT_SCHEMA: Final = schema.Record(
+    (
+        schema.Field(SC_MEASUREMENT_VALUE, _HASH),
+        schema.Field(SC_SIGNER_ID, _HASH),
+        schema.Field(SC_MEASUREMENT_TYPE, _OPTIONAL_TEXT, required=False),
+        schema.Field(SC_VERSION, _OPTIONAL_TEXT, required=False),
+        schema.Field(SC_MEASUREMENT_DESC, _OPTIONAL_TEXT, required=False),
+    )
+)
+_MS_FIELDS: Final = (
+    schema.Field(MS_UUID, schema.Bytes(sizes=(16,))),
+    schema.Field(MS_NAME, schema.Text(1, 32)),  # and _MS_NAME_RE
+    schema.Field(MS_VERSION, schema.Text(max_len=MAX_TEXT)),  # and _SEMVER_RE
+    schema.Field(MS_SEQUENCE, schema.Int(((0, _UINT64 - 1),))),
+    schema.Field(MS_MEASUREMENT, _HASH),
+    schema.Field(MS_SIGNER, _HASH),
+    schema.Field(MS_POLICY_DIGEST, _HASH),
+    schema.Field(MS_CERTIFICATIONS, schema.Array(schema.Text(1, 128), max_len=MAX_CERTIFICATIONS), required=False),
+    schema.Field(MS_LIFECYCLE, schema.Text(one_of=frozenset(MS_LIFECYCLES))),
+)
 
 
-def _fast_component(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _SW_SET) -> SwComponent | None:
-    if type(raw) is not dict:
-        return None
-    value = raw.get(SC_MEASUREMENT_VALUE)
-    signer = raw.get(SC_SIGNER_ID)
-    mtype = raw.get(SC_MEASUREMENT_TYPE)
-    version = raw.get(SC_VERSION)
-    desc = raw.get(SC_MEASUREMENT_DESC)
-    # Both hashes are bytes (so present); the map holds nothing else but the optional claims that are
-    # present and not null: an unknown key, or a null optional claim, makes it longer than this count.
-    if (
-        len(raw) != 2 + (mtype is not None) + (version is not None) + (desc is not None)
-        or type(value) is not bytes
-        or len(value) not in _HASH_SIZE_SET
-        or type(signer) is not bytes
-        or len(signer) not in _HASH_SIZE_SET
-        or (mtype is not None and (type(mtype) is not str or len(mtype) > MAX_TEXT))
-        or (version is not None and (type(version) is not str or len(version) > MAX_TEXT))
-        or (desc is not None and (type(desc) is not str or len(desc) > MAX_TEXT))
-    ):
-        return None
+def _platform_fields(profile: str) -> tuple[schema.Field, ...]:
+    """The RFC 9783 claims of both profiles the fast path handles (``_RFC9783_KEYS``) and lifecycle-log."""
+    majors = sorted(LIFECYCLE_STATES.values())
+    return (
+        schema.Field(EAT_PROFILE, schema.Text(one_of=frozenset({profile}))),
+        schema.Field(EAT_NONCE, _HASH),
+        schema.Field(EAT_UEID, schema.Bytes(sizes=(33,))),  # and the type byte 0x01
+        schema.Field(PSA_IMPLEMENTATION_ID, schema.Bytes(sizes=(32,))),
+        schema.Field(PSA_CLIENT_ID, schema.Int(((-_INT32, -1), (1, _INT32 - 1)))),
+        schema.Field(PSA_LIFECYCLE, schema.Int(tuple((v, v | 0xFF) for v in majors))),
+        schema.Field(PSA_SOFTWARE_COMPONENTS, schema.Array(_COMPONENT_SCHEMA, 1, MAX_COMPONENTS)),
+        # a null boot seed, certification reference or verification service is taken as absent
+        schema.Field(EAT_BOOT_SEED, schema.Bytes(min_size=8, max_size=32), required=False, nullable=True),
+        schema.Field(PSA_CERTIFICATION_REFERENCE, _OPTIONAL_TEXT, required=False, nullable=True),  # + _CERT_REF_RE
+        schema.Field(PSA_VERIFICATION_SERVICE, schema.Text(1, MAX_TEXT), required=False, nullable=True),
+        schema.Field(ISM_LIFECYCLE_LOG, schema.Bytes(sizes=(LIFECYCLE_LOG_SIZE,)), required=False),
+    )
+
+
+#: The claims-set of each profile the fast path handles.
+_FAST_SCHEMAS: Final[Mapping[str, schema.Schema]] = {
+    PROFILE_PSA: schema.Schema(
+        schema.Record(
+            (
+                *_platform_fields(PROFILE_PSA),
+                schema.Field(
+                    EAT_SUBMODS,
+                    schema.MapOf(schema.Text(), schema.Record(_MS_FIELDS), 1, MAX_SUBMODS),
+                    required=False,
+                ),
+            )
+        )
+    ),
+    PROFILE_MICROSERVICE: schema.Schema(schema.Record((*_platform_fields(PROFILE_MICROSERVICE), *_MS_FIELDS))),
+}
+
+
+def _build_component(raw: dict[Any, Any], _set: tuple[Callable[[Any, Any], None], ...] = _SW_SET) -> SwComponent:
     out = _new(SwComponent)
     s0, s1, s2, s3, s4 = _set
-    s0(out, value)
-    s1(out, signer)
-    s2(out, mtype)
-    s3(out, version)
-    s4(out, desc)
+    get = raw.get
+    s0(out, raw[SC_MEASUREMENT_VALUE])
+    s1(out, raw[SC_SIGNER_ID])
+    s2(out, get(SC_MEASUREMENT_TYPE))
+    s3(out, get(SC_VERSION))
+    s4(out, get(SC_MEASUREMENT_DESC))
     return out
 
 
-def _fast_microservice(
+def _build_microservice(
     raw: dict[Any, Any], _set: tuple[Callable[[Any, Any], None], ...] = _MS_SET
 ) -> MicroserviceClaims | None:
-    """The microservice claims of ``raw``; whether ``raw`` holds other claims is the caller's to check."""
-    try:
-        ms_uuid, name, version, sequence, measurement, signer, policy, lifecycle = _MS_REQUIRED(raw)
-    except KeyError:
+    """The microservice claims of a map the schema accepted; None if a pattern does not match."""
+    ms_uuid, name, version, sequence, measurement, signer, policy, lifecycle = _MS_REQUIRED(raw)
+    if _MS_NAME_RE.fullmatch(name) is None or _SEMVER_RE.fullmatch(version) is None:
         return None
-    certs = raw.get(MS_CERTIFICATIONS, _NO_CERTIFICATIONS)
-    if (
-        type(ms_uuid) is not bytes
-        or len(ms_uuid) != 16
-        or type(name) is not str
-        or _MS_NAME_RE.match(name) is None
-        or type(version) is not str
-        or len(version) > MAX_TEXT
-        or _SEMVER_RE.match(version) is None
-        or type(sequence) is not int
-        or not 0 <= sequence < _UINT64
-        or type(measurement) is not bytes
-        or len(measurement) not in _HASH_SIZE_SET
-        or type(signer) is not bytes
-        or len(signer) not in _HASH_SIZE_SET
-        or type(policy) is not bytes
-        or len(policy) not in _HASH_SIZE_SET
-        or type(lifecycle) is not str
-        or lifecycle not in _MS_LIFECYCLE_SET
-        or type(certs) is not list
-        or len(certs) > MAX_CERTIFICATIONS
-    ):
-        return None
-    for cert in certs:
-        if type(cert) is not str or not 0 < len(cert) <= 128:
-            return None
     out = _new(MicroserviceClaims)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8 = _set
-    s0(out, uuidlib.UUID(int=int.from_bytes(ms_uuid, "big")))  # what UUID(bytes=) does, with less argument parsing
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _set
+    s0(out, ms_uuid)
     s1(out, name)
     s2(out, version)
     s3(out, sequence)
@@ -930,88 +1007,55 @@ def _fast_microservice(
     s5(out, signer)
     s6(out, policy)
     s7(out, lifecycle)
-    s8(out, tuple(certs))
+    s8(out, tuple(raw.get(MS_CERTIFICATIONS, _NO_CERTIFICATIONS)))
+    s9(out, None)  # the UUID object: built on first use
     return out
 
 
-def _fast_submods(raw: Any) -> tuple[MicroserviceClaims, ...] | None:
-    if type(raw) is not dict or not 0 < len(raw) <= MAX_SUBMODS:
-        return None
+def _build_submods(raw: dict[Any, Any]) -> tuple[MicroserviceClaims, ...] | None:
     found = []
     uuids = set()
     for name, sub in raw.items():
-        # The microservice claims and nothing else: with the eight mandatory ones present, an unknown
-        # key or a null certifications claim makes the map longer than this count.
-        if type(sub) is not dict or len(sub) != (8 if sub.get(MS_CERTIFICATIONS) is None else 9):
-            return None
-        ms = _fast_microservice(sub)
-        if ms is None or ms.name != name:
+        ms = _build_microservice(sub)
+        if ms is None or ms.name != name:  # a submodule is named after its microservice
             return None
         found.append(ms)
-        uuids.add(sub[MS_UUID])
-    # Names are unique (each is its submodule's key, and equal to the name claim); UUIDs must be too
-    # (compared as the 16 bytes each UUID was made from).
+        uuids.add(ms.uuid_bytes)
+    # Names are unique (each is its submodule's key); UUIDs must be too.
     if len(uuids) != len(found):
         return None
     return tuple(found)
 
 
-def _decode_fast(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _CLAIMS_SET) -> Claims | None:
-    """The claims of an RFC 9783 device token or of a microservice token, or None (see above)."""
+def _decode_fast(
+    raw: Any, python: bool = False, _set: tuple[Callable[[Any, Any], None], ...] = _CLAIMS_SET
+) -> Claims | None:
+    """The claims of an RFC 9783 device token or of a microservice token, or None (see above).
+
+    ``python`` checks with the pure-Python schema checker even when the native one is built (tests).
+    """
     if type(raw) is not dict:
         return None
-    try:
-        profile, nonce, ueid, impl, client, lifecycle, components_raw = _PSA_REQUIRED(raw)
-    except KeyError:
+    profile = raw.get(EAT_PROFILE)
+    checker = _FAST_SCHEMAS.get(profile) if type(profile) is str else None
+    if checker is None or (checker.check_python(raw) if python else checker.check(raw)) is not None:
         return None
-    allowed = _FAST_ALLOWED.get(profile) if type(profile) is str else None
-    if allowed is None or not raw.keys() <= allowed:
-        return None
-    boot_seed = raw.get(EAT_BOOT_SEED)
+    nonce, ueid, impl, client, lifecycle, components_raw = _PSA_REQUIRED(raw)
     cert = raw.get(PSA_CERTIFICATION_REFERENCE)
-    vsi = raw.get(PSA_VERIFICATION_SERVICE)
-    lifecycle_log = raw.get(ISM_LIFECYCLE_LOG, _ABSENT)
-    if lifecycle_log is _ABSENT:
-        lifecycle_log = None
-    elif type(lifecycle_log) is not bytes or len(lifecycle_log) != LIFECYCLE_LOG_SIZE:
+    if ueid[0] != 0x01 or (cert is not None and _CERT_REF_RE.fullmatch(cert) is None):
         return None
-    if (
-        type(nonce) is not bytes
-        or len(nonce) not in _HASH_SIZE_SET
-        or type(ueid) is not bytes
-        or len(ueid) != 33
-        or ueid[0] != 0x01
-        or type(impl) is not bytes
-        or len(impl) != 32
-        or type(client) is not int
-        or not -_INT32 <= client < _INT32
-        or client == 0
-        or type(lifecycle) is not int
-        or not 0 <= lifecycle <= 0x60FF
-        or (lifecycle >> 8) not in _LIFECYCLE_BY_MAJOR
-        or (boot_seed is not None and (type(boot_seed) is not bytes or not 8 <= len(boot_seed) <= 32))
-        or (cert is not None and (type(cert) is not str or len(cert) > MAX_TEXT or _CERT_REF_RE.match(cert) is None))
-        or (vsi is not None and (type(vsi) is not str or not 0 < len(vsi) <= MAX_TEXT))
-        or type(components_raw) is not list
-        or not 0 < len(components_raw) <= MAX_COMPONENTS
-    ):
-        return None
-    components = []
-    for raw_component in components_raw:
-        component = _fast_component(raw_component)
-        if component is None:
-            return None
-        components.append(component)
     microservice = None
     submods: tuple[MicroserviceClaims, ...] | None = ()
     if profile == PROFILE_MICROSERVICE:
-        microservice = _fast_microservice(raw)
+        microservice = _build_microservice(raw)
         if microservice is None:
             return None
-    elif EAT_SUBMODS in raw:
-        submods = _fast_submods(raw[EAT_SUBMODS])
-        if submods is None:
-            return None
+    else:
+        submods_raw = raw.get(EAT_SUBMODS)  # never null: the schema refuses it
+        if submods_raw is not None:
+            submods = _build_submods(submods_raw)
+            if submods is None:
+                return None
     out = _new(Claims)
     s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14 = _set
     s0(out, profile)
@@ -1020,15 +1064,15 @@ def _decode_fast(raw: Any, _set: tuple[Callable[[Any, Any], None], ...] = _CLAIM
     s3(out, impl)
     s4(out, client)
     s5(out, lifecycle)
-    s6(out, tuple(components))
-    s7(out, boot_seed)
+    s6(out, tuple([_build_component(c) for c in components_raw]))
+    s7(out, raw.get(EAT_BOOT_SEED))
     s8(out, cert)
-    s9(out, vsi)
+    s9(out, raw.get(PSA_VERIFICATION_SERVICE))
     s10(out, False)
     s11(out, None)
     s12(out, microservice)
     s13(out, submods)
-    s14(out, lifecycle_log)
+    s14(out, raw.get(ISM_LIFECYCLE_LOG))
     return out
 
 
