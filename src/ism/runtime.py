@@ -46,10 +46,19 @@ STORAGE_DB = Path("state") / "storage.sqlite"
 
 
 def open_storage(device: Device) -> SecureStorage:
-    """The device's secure storage (its key in the device key store, its freshness root in DIR/state)."""
+    """The device's secure storage (its key in the device key store, its freshness root in DIR/state).
+
+    On a TPM-backed device the root is bound to a TPM NV counter of its own, at the device's NV index
+    + 0x10000 (outside the range device NV indices are drawn from): the device's counter binds
+    ``state/rollback.cose``, and a storage write moves only the storage's.
+    """
     keystore = device.keystore()
     if not keystore.exists(STORAGE_KEY_ID):
         keystore.generate(STORAGE_KEY_ID, "aes-256")
+    device_counter = device._nv_counter()  # None without a TPM
+    counter = None
+    if device_counter is not None:
+        counter = keystore.counter(device_counter.nv_index + 0x10000)  # type: ignore[attr-defined]
     return SecureStorage(
         device.root / STORAGE_DB,
         device.root / "state" / "storage-root.cose",
@@ -57,6 +66,7 @@ def open_storage(device: Device) -> SecureStorage:
         STORAGE_KEY_ID,
         device.state_mac_key,
         device.faults,
+        counter,
     )
 
 

@@ -228,3 +228,44 @@ def test_device_init(tmp_path: Path) -> None:
         assert len(dev.instance_id) == 33
         assert dev.boot().microservices == ()
     assert outcomes == {"old", "new"}
+
+
+def test_storage_write_on_a_device(builders: dict[str, Any], tmp_path: Path) -> None:
+    """A secure-storage write through the runtime's open_storage (the device's faults): at every cut the
+    record is the old or the new one, the device boots, and the storage keeps working."""
+    from ism.runtime import open_storage
+
+    fresh, build = builders["fresh"], builders["build"]
+    owner = uuidlib.UUID("6a1e2c3d-0000-4000-8000-00000000000a")
+
+    def read(root: Path) -> bytes:
+        with Device(root) as dev, open_storage(dev) as storage:
+            return storage.get(owner, 1)
+
+    def write(root: Path, data: bytes, faults: Faults | None = None) -> None:
+        with Device(root, faults) as dev, open_storage(dev) as storage:
+            storage.set(owner, 1, data)
+
+    template = tmp_path / "template"
+    fresh(template, build("hello"))
+    write(template, b"old")
+    probe = tmp_path / "probe"
+    shutil.copytree(template, probe)
+    faults = Faults()
+    write(probe, b"new", faults)
+    assert read(probe) == b"new"
+    assert "storage:committed" in faults.points
+    outcomes = set()
+    for n in range(1, len(faults.points) + 1):
+        path = tmp_path / f"cut-{n}"
+        shutil.copytree(template, path)
+        with pytest.raises(PowerCut):
+            write(path, b"new", Faults(cut_at=n))
+        value = read(path)
+        assert value in (b"old", b"new"), faults.points[n - 1]
+        outcomes.add(value)
+        assert not list(path.rglob("*.tmp")), faults.points[n - 1]
+        _boots_cleanly(path)
+        write(path, b"after")
+        assert read(path) == b"after"
+    assert outcomes == {b"old", b"new"}

@@ -10,7 +10,9 @@ the device's storage would.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
+import random
 import shutil
 import sqlite3
 import uuid
@@ -430,17 +432,78 @@ def test_unprotected_record_replay_is_accepted(env: Env) -> None:
         st.set(A, 4, b"still works")
 
 
+# The root file as the module docstring describes it, read here without the module: two slots of
+# equal size, each a 4-byte length and a COSE_Mac0 whose external AAD binds it to its slot.
+ROOT_AAD = b"ism-storage-root-v2"
+
+
+def slot_regions(env: Env) -> list[bytes]:
+    data = env.root.read_bytes()
+    assert len(data) % 8192 == 0
+    size = len(data) // 2
+    return [data[k * size : (k + 1) * size] for k in (0, 1)]
+
+
+def slot_body(env: Env, slot: int) -> dict[int, Any]:
+    region = slot_regions(env)[slot]
+    sealed = region[4 : 4 + int.from_bytes(region[:4], "big")]
+    msg = cose.parse(sealed, expect="mac0")
+    cose.verify_mac0(msg, (env.path / "state.key").read_bytes(), aad=ROOT_AAD + bytes([slot]))
+    body = cbor.loads(msg.payload or b"")
+    assert isinstance(body, dict)
+    return body
+
+
+def current_slot(env: Env) -> int:
+    """The slot with the higher sequence."""
+    return max((0, 1), key=lambda k: slot_body(env, k)[6])
+
+
+def put_region(env: Env, slot: int, region: bytes) -> None:
+    data = bytearray(env.root.read_bytes())
+    size = len(data) // 2
+    assert len(region) == size
+    data[slot * size : (slot + 1) * size] = region
+    env.root.write_bytes(bytes(data))
+
+
+def damage_slot(env: Env, slot: int) -> None:
+    region = bytearray(slot_regions(env)[slot])
+    region[20] ^= 1  # inside the sealed root
+    put_region(env, slot, bytes(region))
+
+
 def test_root_is_checked(env: Env, tmp_path: Path) -> None:
     with env.open() as st:
         st.set(A, 1, b"data")
     good = env.root.read_bytes()
-    env.root.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert len(good) == 8192
+    assert slot_body(env, current_slot(env))[4] is None  # settled: no pending state
+    # One damaged slot (a torn write looks the same) is survived, and repaired by the open.
+    for slot in (0, 1):
+        damage_slot(env, slot)
+        with env.open() as st:
+            assert st.get(A, 1) == b"data"
+        for k in (0, 1):
+            slot_body(env, k)  # both verify again
+        env.root.write_bytes(good)
+    for slot in (0, 1):
+        damage_slot(env, slot)
     with expect(StateCorruptError, "storage.root"):
         env.open()
-    # A valid COSE_Mac0 under the same key, but not a storage root (e.g. another state file).
-    env.root.write_bytes(cose.mac0(cbor.dumps({1: 1, 2: {}}), (env.path / "state.key").read_bytes()))
+    # A root that passes its MAC but is not a storage root of this format.
+    env.root.write_bytes(good)
+    state_key = (env.path / "state.key").read_bytes()
+    slot = current_slot(env)
+    forged = cose.mac0(cbor.dumps({1: 2, 2: {}}), state_key, aad=ROOT_AAD + bytes([slot]))
+    put_region(env, slot, (len(forged).to_bytes(4, "big") + forged).ljust(4096, b"\0"))
     with expect(StateCorruptError, "storage.root"):
         env.open()
+    # Not a root file at all (not two slots, not a format-1 root); a valid COSE_Mac0 of another state file.
+    for data in (good[:100], cose.mac0(cbor.dumps({1: 1, 2: {}}), state_key)):
+        env.root.write_bytes(data)
+        with expect(StateCorruptError, "storage.root"):
+            env.open()
     env.root.unlink()
     with expect(StateCorruptError, "storage.rollback"):
         env.open()
@@ -456,6 +519,38 @@ def test_root_is_checked(env: Env, tmp_path: Path) -> None:
         env.open()
 
 
+def test_a_damaged_slot_never_brings_back_the_last_write(env: Env, tmp_path: Path) -> None:
+    """After a write, one slot holds it settled and the other holds it pending (which, alone, would also
+    accept the database from before it). Whatever is done to one slot, the older database is refused."""
+    with env.open() as st:
+        st.set(A, 1, b"PIN tries left: 3")
+    before = snapshot(env, "before")
+    with env.open() as st:
+        st.set(A, 1, b"PIN tries left: 2")
+    settled = current_slot(env)
+    pending = 1 - settled
+    assert slot_body(env, settled)[4] is None
+    assert slot_body(env, pending)[4] is not None
+    regions = slot_regions(env)
+    attacks: dict[str, Callable[[Env], None]] = {
+        "settled slot damaged": lambda e: damage_slot(e, settled),
+        "pending slot damaged": lambda e: damage_slot(e, pending),
+        "settled slot zeroed": lambda e: put_region(e, settled, bytes(len(regions[0]))),
+        # the pending root copied over the settled one: the AAD binds a root to its slot
+        "pending root in both slots": lambda e: put_region(e, settled, regions[pending]),
+    }
+    for name, attack in attacks.items():
+        victim = env.copy(tmp_path / name.replace(" ", "-"))
+        attack(victim)
+        victim.restore_files(before, victim.db.name)
+        with expect(StateCorruptError, "storage.rollback"):
+            victim.open()
+        attacked = env.copy(tmp_path / (name.replace(" ", "-") + "-db-kept"))
+        attack(attacked)
+        with attacked.open() as st:
+            assert st.get(A, 1) == b"PIN tries left: 2"
+
+
 def test_missing_database_with_a_root_is_a_rollback(env: Env) -> None:
     with env.open() as st:
         st.set(A, 1, b"data")
@@ -469,6 +564,100 @@ def test_config_and_io_errors_are_typed(env: Env, tmp_path: Path) -> None:
         SecureStorage(env.db, env.root, env.keystore(), ROOT_KEY_ID, b"short")
     with pytest.raises(PlatformError):
         SecureStorage(tmp_path / "nowhere" / "x.sqlite", env.root, env.keystore(), ROOT_KEY_ID, bytes(32))
+
+
+# -- the index digest ------------------------------------------------------------------------------
+
+
+def documented_digest(env: Env) -> bytes:
+    """The digest of the database as the module docstring defines it, computed here from the rows."""
+    state_key = (env.path / "state.key").read_bytes()
+    k_rec = hmac.new(state_key, b"ism-storage-v1 record mac", hashlib.sha256).digest()
+    k_top = hmac.new(state_key, b"ism-storage-v1 index digest v2", hashlib.sha256).digest()
+    (generation,) = env.sql("SELECT generation FROM meta")[0]
+    acc = count = 0
+    for owner, uid, version, flags, size, digest in env.sql(
+        "SELECT owner, uid, version, flags, size, digest FROM records"
+    ):
+        if flags & NO_REPLAY_PROTECTION:
+            continue
+        entry = uuid.UUID(owner).bytes + uid + version.to_bytes(8, "big") + flags.to_bytes(4, "big")
+        mac = hmac.new(k_rec, entry + size.to_bytes(4, "big") + digest, hashlib.sha256).digest()
+        acc ^= int.from_bytes(mac, "big")
+        count += 1
+    top = generation.to_bytes(8, "big") + count.to_bytes(8, "big") + acc.to_bytes(32, "big")
+    return hmac.new(k_top, top, hashlib.sha256).digest()
+
+
+def test_the_incremental_digest_is_the_documented_one(env: Env) -> None:
+    """Random writes, each updating the digest in O(1); after each, the settled root holds exactly the
+    digest recomputed from every row (and every reopen, which recomputes it too, accepts the database)."""
+    rng = random.Random(1234)
+    st = env.open()
+    live: dict[tuple[uuid.UUID, int], int] = {}
+    try:
+        for step in range(300):
+            owner = rng.choice(OWNERS)
+            ours = [uid for (o, uid), flags in live.items() if o == owner and not flags & WRITE_ONCE]
+            roll = rng.random()
+            if roll < 0.02:
+                st.erase(owner)
+                live = {k: v for k, v in live.items() if k[0] != owner}
+            elif roll < 0.25 and ours:
+                uid = rng.choice(ours)
+                st.remove(owner, uid)
+                del live[(owner, uid)]
+            else:
+                uid = rng.choice(ours) if ours and rng.random() < 0.5 else rng.randrange(1, 2**64)
+                flags = rng.choice((0, 0, NO_REPLAY_PROTECTION, NO_CONFIDENTIALITY, WRITE_ONCE))
+                st.set(owner, uid, rng.randbytes(rng.randrange(0, 200)), flags=flags)
+                live[(owner, uid)] = flags
+            body = slot_body(env, current_slot(env))
+            assert body[4] is None
+            assert body[3][1] == documented_digest(env), step
+            if step % 50 == 49:
+                st.close()
+                st = env.open()
+                assert {(o, uid) for o in OWNERS for uid in st.uids(o)} == set(live)
+    finally:
+        st.close()
+
+
+def test_a_format_1_root_is_migrated(env: Env) -> None:
+    """A storage made before the two-slot root: checked with format 1's digest, then rewritten."""
+    with env.open() as st:
+        st.set(A, 1, b"protected")
+        st.set(A, 2, b"unprotected", flags=NO_REPLAY_PROTECTION)
+        st.set(B, 1, b"B's")
+        st.erase(C)
+    nonces = slot_body(env, current_slot(env))[3][2]
+    state_key = (env.path / "state.key").read_bytes()
+    (generation,) = env.sql("SELECT generation FROM meta")[0]
+    rows = sorted(env.sql("SELECT owner, uid, version, flags, size, digest FROM records"))
+    key = hmac.new(state_key, b"ism-storage-v1 index digest", hashlib.sha256).digest()
+
+    def legacy_root(digest_generation: int) -> bytes:
+        mac = hmac.new(key, digest_generation.to_bytes(8, "big"), hashlib.sha256)
+        for owner, uid, version, flags, size, digest in sorted(rows, key=lambda r: (uuid.UUID(r[0]).bytes, r[1])):
+            if not flags & NO_REPLAY_PROTECTION:
+                mac.update(uuid.UUID(owner).bytes + uid + version.to_bytes(8, "big") + flags.to_bytes(4, "big"))
+                mac.update(size.to_bytes(4, "big") + digest)
+        body = {1: 1, 2: generation, 3: {1: mac.digest(), 2: nonces}, 4: None, 5: []}
+        return cose.mac0(cbor.dumps(body), state_key, aad=b"ism-storage-root-v1")
+
+    env.root.write_bytes(legacy_root(generation - 1))  # vouches for another database
+    with expect(StateCorruptError, "storage.rollback"):
+        env.open()
+    env.root.write_bytes(legacy_root(generation))
+    with env.open() as st:
+        assert st.get(A, 1) == b"protected"
+        assert st.get(A, 2) == b"unprotected"
+        assert st.get(B, 1) == b"B's"
+        assert sorted(st.namespace_keys()) == sorted(f"storage.{o}" for o in OWNERS)
+        st.set(C, 1, b"after the migration")
+    assert env.root.stat().st_size == 8192
+    with env.open() as st:
+        assert st.get(C, 1) == b"after the migration"
 
 
 # -- crypto-erase ---------------------------------------------------------------------------------
@@ -539,7 +728,8 @@ State = dict[tuple[str, int], tuple[bytes, int]]
 def read_all(env: Env) -> State:
     """Re-opens the storage (which recovers) and reads every record."""
     with env.open() as st:
-        return {(str(o), uid): (st.get(o, uid), st.get_info(o, uid).flags) for o in OWNERS for uid in st.uids(o)}
+        owners = {uuid.UUID(k.removeprefix("storage.")) for k in st.namespace_keys()} | set(OWNERS)
+        return {(str(o), uid): (st.get(o, uid), st.get_info(o, uid).flags) for o in owners for uid in st.uids(o)}
 
 
 def prepare(env: Env) -> None:
@@ -575,13 +765,14 @@ def count_points(action: Callable[[Faults], None]) -> list[str]:
     return faults.points
 
 
-@pytest.mark.parametrize("operation", sorted(OPERATIONS))
-def test_power_cut_at_every_write_point(tmp_path: Path, operation: str) -> None:
-    op = OPERATIONS[operation]
+def sweep(tmp_path: Path, prepare: Callable[[Env], None], op: Callable[[SecureStorage], None]) -> list[str]:
+    """Cuts the power at every fault point of ``op`` on a prepared storage, and at every point of the
+    recovery after each cut; every outcome is the old or the new state and the storage stays usable.
+    Returns the fault points of an uninterrupted ``op``."""
     template = Env.create(tmp_path / "template")
     prepare(template)
     old = read_all(template)
-    pre_erase = snapshot(template, "template-files")
+    pre_op = snapshot(template, "template-files")
 
     dry = template.copy(tmp_path / "dry")
 
@@ -592,11 +783,6 @@ def test_power_cut_at_every_write_point(tmp_path: Path, operation: str) -> None:
     points = count_points(run)
     new = read_all(dry)
     assert new != old
-    assert "storage:commit" in points
-    assert "storage:committed" in points
-    assert any(p.endswith(":temp-synced") for p in points)
-    if operation == "erase":
-        assert "storage:key-destroyed" in points
 
     outcomes = set()
     for n in range(1, len(points) + 1):
@@ -615,22 +801,61 @@ def test_power_cut_at_every_write_point(tmp_path: Path, operation: str) -> None:
                 again.open(Faults(cut_at=m))
             state = read_all(again)
             assert state in (old, new), (points[n - 1], recovery_points[m - 1])
+            check_usable(again, state)
             shutil.rmtree(again.path)
         shutil.rmtree(probe.path)
 
         state = read_all(work)
         assert state in (old, new), f"cut at {points[n - 1]}"
         outcomes.add("new" if state == new else "old")
-        if operation == "erase" and state == new:
+        if any(k[0] == str(A) for k in old) and not any(k[0] == str(A) for k in state):
             assert not work.keystore().exists(f"storage.{A}")
             # Crypto-erased even though the crash came mid-way: the old files with today's keys are unreadable.
             attacker = work.copy(tmp_path / f"cut-{n}-attack")
-            attacker.restore_files(pre_erase, attacker.db.name, attacker.root.name)
+            attacker.restore_files(pre_op, attacker.db.name, attacker.root.name)
             with attacker.open() as st, expect(SignatureError, "storage.integrity"):
                 st.get(A, 1)
         check_usable(work, state)
         shutil.rmtree(work.path)
     assert outcomes == {"old", "new"}
+    return points
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_power_cut_at_every_write_point(tmp_path: Path, operation: str) -> None:
+    points = sweep(tmp_path, prepare, OPERATIONS[operation])
+    assert "storage:commit" in points
+    assert "storage:committed" in points
+    assert sum(p.endswith(":slot-synced") for p in points) == 2  # two root writes, in place
+    assert not any(p.endswith(":dir-synced") for p in points)  # no rename, no directory sync
+    assert "storage:counter" not in points
+    if operation == "erase":
+        assert "storage:key-destroyed" in points
+
+
+def test_power_cut_while_the_root_grows(tmp_path: Path) -> None:
+    """Every namespace's erase nonce is in the root: the write whose root outgrows its slot rewrites the
+    file with bigger slots (a temporary file, renamed), carrying the anchor root over."""
+    owners = [uuid.UUID(int=0x6A1E2C3D_0000_4000_8000_000000010000 + i) for i in range(200)]
+    probe = Env.create(tmp_path / "probe")
+    with probe.open() as st:
+        for grows, owner in enumerate(owners):  # noqa: B007 (grows is used after the loop)
+            st.set(owner, 1, b"x")
+            if probe.root.stat().st_size > 8192:
+                break
+    assert probe.root.stat().st_size == 16384
+
+    def fill(env: Env) -> None:
+        with env.open() as st:
+            for owner in owners[:grows]:
+                st.set(owner, 1, b"x")
+
+    def op(st: SecureStorage) -> None:
+        st.set(owners[grows], 1, b"the one that grows the root")
+
+    points = sweep(tmp_path / "sweep", fill, op)
+    assert any(p.endswith(":dir-synced") for p in points)  # the rewrite of the whole file
+    assert sum(p.endswith(":slot-synced") for p in points) == 1  # then the settled root, in place
 
 
 def test_failed_write_leaves_storage_consistent(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -648,3 +873,40 @@ def test_failed_write_leaves_storage_consistent(env: Env, monkeypatch: pytest.Mo
         assert st.get(A, 1) == b"before"
         st.set(A, 2, b"next")
     assert read_all(env) == {(str(A), 1): (b"before", 0), (str(A), 2): (b"next", 0)}
+
+
+def test_power_cut_in_the_write_after_a_failed_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed write its pending root is useless; the next write overwrites it, never the settled
+    root, so a power cut anywhere in that next write (and in the recovery after it) leaves old or new."""
+    template = Env.create(tmp_path / "template")
+    with template.open() as st:
+        st.set(A, 1, b"before")
+    old, new = {(str(A), 1): (b"before", 0)}, {(str(A), 1): (b"after", 0)}
+
+    def broken(*args: Any) -> None:
+        raise PlatformError("storage.write", "disk full")
+
+    def session(env: Env, faults: Faults) -> None:
+        with env.open(faults) as st:
+            with monkeypatch.context() as patch:
+                patch.setattr(st, "_commit", broken)
+                with expect(PlatformError, "storage.write"):
+                    st.set(A, 1, b"lost")
+            faults.point("test:failed-write-done")
+            st.set(A, 1, b"after")
+
+    dry = template.copy(tmp_path / "dry")
+    points = count_points(lambda f: session(dry, f))
+    assert read_all(dry) == new
+    for n in range(points.index("test:failed-write-done") + 2, len(points) + 1):
+        work = template.copy(tmp_path / f"cut-{n}")
+        with pytest.raises(PowerCut):
+            session(work, Faults(cut_at=n))
+        probe = work.copy(tmp_path / f"cut-{n}-probe")
+        recovery_points = count_points(lambda f: probe.open(f).close())  # noqa: B023 (called at once)
+        for m in range(1, len(recovery_points) + 1):
+            again = work.copy(tmp_path / f"cut-{n}-{m}")
+            with pytest.raises(PowerCut):
+                again.open(Faults(cut_at=m))
+            assert read_all(again) in (old, new), (points[n - 1], recovery_points[m - 1])
+        assert read_all(work) in (old, new), points[n - 1]
