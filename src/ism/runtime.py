@@ -43,6 +43,8 @@ __all__ = ["STORAGE_KEY_ID", "Runtime", "attestation_service", "erase_microservi
 #: the device storage key in the key store; per-microservice storage keys are derived from it
 STORAGE_KEY_ID = "device.storage"
 STORAGE_DB = Path("state") / "storage.sqlite"
+#: the storage's TPM NV counter, from the device's NV index (outside the range device indices are drawn from)
+STORAGE_COUNTER_OFFSET = 0x10000
 
 
 def open_storage(device: Device) -> SecureStorage:
@@ -55,10 +57,6 @@ def open_storage(device: Device) -> SecureStorage:
     keystore = device.keystore()
     if not keystore.exists(STORAGE_KEY_ID):
         keystore.generate(STORAGE_KEY_ID, "aes-256")
-    device_counter = device._nv_counter()  # None without a TPM
-    counter = None
-    if device_counter is not None:
-        counter = keystore.counter(device_counter.nv_index + 0x10000)  # type: ignore[attr-defined]
     return SecureStorage(
         device.root / STORAGE_DB,
         device.root / "state" / "storage-root.cose",
@@ -66,7 +64,7 @@ def open_storage(device: Device) -> SecureStorage:
         STORAGE_KEY_ID,
         device.state_mac_key,
         device.faults,
-        counter,
+        device.hardware_counter(STORAGE_COUNTER_OFFSET),  # None without a TPM
     )
 
 

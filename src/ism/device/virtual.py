@@ -437,11 +437,18 @@ class Device:
             counters[name] = value
             self._store_counters(counters)
 
-    def _nv_counter(self) -> Any:
-        """The TPM NV counter that is the counters' freshness root, on TPM-backed devices."""
+    def hardware_counter(self, offset: int = 0) -> Any:
+        """A monotonic TPM NV counter of this device, or None without a TPM.
+
+        Offset 0 is the anti-rollback counters' freshness root; other freshness roots (the secure
+        storage's) use their own offset from the device's NV index.
+        """
         if self._config.get("keystore") != "tpm":
             return None
-        return self._open_keystore().counter(int(self._config["tpm"]["nv_index"]))  # type: ignore[attr-defined]
+        return self._open_keystore().counter(int(self._config["tpm"]["nv_index"]) + offset)  # type: ignore[attr-defined]
+
+    def _nv_counter(self) -> Any:
+        return self.hardware_counter()
 
     def _check_fresh(self, data: bytes) -> None:
         """On a TPM-backed device, the counters file must carry the TPM counter's current value.
