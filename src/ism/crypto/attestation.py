@@ -248,25 +248,11 @@ def verify_token(
     hmac_key: bytes | None = None,
     nonce: bytes | None = None,
 ) -> VerifiedToken:
-    """Verifies one PSA token: ``TokenVerifier(key, hmac_key).verify(data, nonce)``.
+    """Verifies one PSA token: ``TokenVerifier(key, hmac_key).verify(data, nonce)`` (see there).
 
     A verifier that checks many tokens under the same keys builds a :class:`TokenVerifier` once.
-
-    Args:
-        data: the tagged COSE message.
-        key: the attestation public key (P-256, or Ed25519), for COSE_Sign1.
-        hmac_key: the symmetric attestation key, for COSE_Mac0.
-        nonce: if given, the token's nonce must equal it.
-
-    Returns:
-        The verified token.
-
-    Raises:
-        UsageError: ``attest.key`` if no key fits the token's kind.
-        FormatError: ``attest.token-size``, ``attest.payload``, ``cose.*``,
-            ``cbor.*`` or the ``attest.*`` claim rules of :func:`decode_claims`.
-        SignatureError: ``cose.signature`` / ``cose.alg-key`` (one code).
-        TrustError: ``attest.nonce`` if the nonce differs.
+    ``key`` is the attestation public key (P-256 or Ed25519) for COSE_Sign1, ``hmac_key`` the
+    symmetric attestation key for COSE_Mac0.
     """
     return TokenVerifier(key, hmac_key).verify(data, nonce)
 
