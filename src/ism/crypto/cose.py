@@ -217,6 +217,24 @@ def _der_signature(raw: bytes) -> bytes:
 _LENGTHS: Final = tuple(bytes((n,)) for n in range(128))
 
 
+def parse_typed_sign1(data: bytes, content_type: str, max_size: int, rule: str, what: str) -> tuple[CoseMessage, bytes]:
+    """Parses a COSE_Sign1 of ``content_type`` that carries its payload, of at most ``max_size`` bytes.
+
+    Returns the message and its payload.
+    For iSM's own signed artifacts (device commands, statements): anything else is one
+    ``FormatError(rule)`` naming ``what`` was expected. Nothing is verified yet.
+    """
+    if len(data) > max_size:
+        raise FormatError(rule, f"{what} is at most {max_size} bytes", got=len(data))
+    try:
+        msg = parse(data, expect="sign1")
+    except FormatError as exc:
+        raise FormatError(rule, f"not {what}: {exc.message}") from exc
+    if msg.payload is None or msg.protected.get(HDR_CONTENT_TYPE) != content_type:
+        raise FormatError(rule, f"{what} is a COSE_Sign1 of {content_type} with its payload inside")
+    return msg, msg.payload
+
+
 def verify_sign1(msg: CoseMessage, key: PublicKey, *, detached_payload: bytes | None = None, aad: bytes = b"") -> None:
     """Verifies a COSE_Sign1 under ``key``. Returns None or raises.
 

@@ -55,18 +55,13 @@ def verify_statement(data: bytes, key: PublicKey) -> Statement:
         FormatError: ``lifecycle.statement`` (not a statement, or a malformed one).
         SignatureError: ``lifecycle.statement-signature`` (not signed by ``key``).
     """
-    if len(data) > MAX_STATEMENT_SIZE:
-        raise FormatError("lifecycle.statement", f"a statement is at most {MAX_STATEMENT_SIZE} bytes")
-    try:
-        msg = cose.parse(data, expect="sign1")
-    except FormatError as exc:
-        raise FormatError("lifecycle.statement", f"not a signed statement: {exc.message}") from exc
-    if msg.payload is None or msg.protected.get(cose.HDR_CONTENT_TYPE) != CONTENT_TYPE:
-        raise FormatError("lifecycle.statement", f"a statement is a COSE_Sign1 of {CONTENT_TYPE} with its payload")
+    msg, payload = cose.parse_typed_sign1(
+        data, CONTENT_TYPE, MAX_STATEMENT_SIZE, "lifecycle.statement", "a signed statement"
+    )
     try:
         cose.verify_sign1(msg, key)
     except (SignatureError, FormatError) as exc:
         raise SignatureError(
             "lifecycle.statement-signature", "the statement is not signed by this attestation key"
         ) from exc
-    return decode_statement(msg.payload)
+    return decode_statement(payload)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 
 from ism.crypto import cose
 from ism.crypto.keys import PrivateKey, anchor_map, signer_id
-from ism.errors import FormatError, RollbackError, SignatureError, TrustError, UntrustedSignerError, UsageError
+from ism.errors import RollbackError, SignatureError, TrustError, UntrustedSignerError, UsageError
 from ism.formats.command import MAX_COMMAND_SIZE, Command, decode_command
 
 if TYPE_CHECKING:
@@ -66,14 +66,7 @@ def authorise(device: Device, data: bytes, kind: str) -> Command:
         TrustError: ``command.device`` (made for another device).
         RollbackError: ``command.replay`` (sequence not above the counter: old or replayed).
     """
-    if len(data) > MAX_COMMAND_SIZE:
-        raise FormatError("command.format", f"a command is at most {MAX_COMMAND_SIZE} bytes", got=len(data))
-    try:
-        msg = cose.parse(data, expect="sign1")
-    except FormatError as exc:
-        raise FormatError("command.format", f"not a signed command: {exc.message}") from exc
-    if msg.payload is None or msg.protected.get(cose.HDR_CONTENT_TYPE) != CONTENT_TYPE:
-        raise FormatError("command.format", f"a command is a COSE_Sign1 of {CONTENT_TYPE} with its payload inside")
+    msg, payload = cose.parse_typed_sign1(data, CONTENT_TYPE, MAX_COMMAND_SIZE, "command.format", "a signed command")
     kid = msg.kid or b""
     # The signature is checked before the payload is decoded, against every role that could sign a command.
     anchors = {role: anchor_map(device.anchors(role)) for role in ("vendor", "store")}
@@ -86,7 +79,7 @@ def authorise(device: Device, data: bytes, kind: str) -> Command:
         cose.verify_sign1(msg, key)
     except SignatureError as exc:
         raise SignatureError("command.signature", "the command's signature does not verify") from exc
-    command = decode_command(msg.payload)
+    command = decode_command(payload)
     if command.kind != kind:
         raise UsageError("command.kind", f"this is a {command.kind} command, not {kind}", got=command.kind)
     if not any(kid in anchors[role] for role in signer_roles(command)):
