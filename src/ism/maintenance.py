@@ -48,6 +48,7 @@ from typing import Any, Final
 
 from ism.crypto.keys import pem_from_der
 from ism.crypto.statement import sign_statement
+from ism.device import lifecycle
 from ism.device._atomic import TMP_SUFFIX, atomic_write
 from ism.device.commands import authorise
 from ism.device.lifecycle import LOG_FILE, STATEMENT_FILE, command_digest, perform, prepare, stored_key_ids
@@ -60,7 +61,17 @@ from ism.services.attestation import IAK_ID
 from ism.services.crypto import key_store_id
 from ism.services.identity import CA_KEY_ID
 
-__all__ = ["KEPT", "Erased", "decommission", "decommission_plan", "factory_reset", "reset_plan"]
+__all__ = [
+    "DEVICE_KEYS",
+    "KEPT",
+    "Erased",
+    "apply_lifecycle_command",
+    "decommission",
+    "decommission_plan",
+    "factory_reset",
+    "reprovision_plan",
+    "reset_plan",
+]
 
 #: the secure storage's files under DIR (the database, SQLite's side files, the freshness root)
 STORAGE_FILES: Final = (
@@ -83,6 +94,12 @@ KEPT: Final = frozenset(
     }
 )
 IAK_PUBLIC: Final = "keys/iak.pub.pem"
+#: the device's own keys in its key store: what re-provisioning generates afresh
+DEVICE_KEYS: Final = (POLICY_KEY_ID, CA_KEY_ID, IAK_ID)
+#: files that re-provisioning removes besides the reset's: the policy sealed to the old policy key (now
+#: unreadable), the identity CA certificate and the IAK's public key (both of old keys), the software store's
+#: root key (every key it sealed is destroyed; a fresh one seals the new keys)
+REPROVISION_FILES: Final = ("config/policy.cose", "keys/identity-ca.der", IAK_PUBLIC, "keys/root.key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +145,27 @@ def reset_plan(device: Device) -> tuple[tuple[str, ...], tuple[str, ...]]:
     keys = (*_microservice_keys(device), STORAGE_KEY_ID)
     packages = sorted(p.relative_to(device.root).as_posix() for p in (device.root / "packages").glob("*"))
     return keys, _existing(device, [*STORAGE_FILES, "state/sealed.cose", *packages])
+
+
+def reprovision_plan(device: Device) -> lifecycle.Plan:
+    """(keys, files, regenerate) of re-provisioning from recoverable-psa-rot-debug.
+
+    What a factory reset erases (the microservices' data and keys may have
+    been exposed with the RoT), plus the device's own keys (:data:`DEVICE_KEYS`,
+    destroyed then generated afresh; the device key pair too) and
+    :data:`REPROVISION_FILES`. Kept: the counters, the log, the trust anchors,
+    a cleartext configuration, the state MAC key.
+    """
+    keys, files = reset_plan(device)
+    keys = tuple(dict.fromkeys([*keys, *DEVICE_KEYS]))
+    return keys, (*files, *_existing(device, list(REPROVISION_FILES))), DEVICE_KEYS
+
+
+def apply_lifecycle_command(device: Device, data: bytes) -> Entry:
+    """A signed ``lifecycle`` command (:func:`ism.device.lifecycle.apply_lifecycle_command`); re-provisioning
+    (recoverable-psa-rot-debug -> psa-rot-provisioning) regenerates the device's keys (:func:`reprovision_plan`).
+    """
+    return lifecycle.apply_lifecycle_command(device, data, reprovision_plan)
 
 
 def decommission_plan(device: Device) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -23,11 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ism.crypto import cose
 from ism.crypto.attestation import verify_token
-from ism.crypto.keys import PrivateKey, generate, load_public, public_pem, signer_id
+from ism.crypto.keys import (
+    PrivateKey,
+    generate,
+    load_public,
+    pem_from_der,
+    public_pem,
+    read_public_pem,
+    signer_id,
+)
+from ism.crypto.policy_seal import seal
 from ism.crypto.statement import verify_statement
 from ism.device import lifecycle
 from ism.device._atomic import Faults, PowerCut
@@ -43,10 +53,12 @@ from ism.errors import (
     UsageError,
 )
 from ism.formats.command import AnchorChange, Command
-from ism.maintenance import KEPT, decommission, factory_reset
+from ism.formats.policy_artifact import make_payload
+from ism.maintenance import DEVICE_KEYS, KEPT, apply_lifecycle_command, decommission, factory_reset
 from ism.runtime import Runtime, attestation_service, open_storage
 from ism.services.attestation import IAK_ID
 from ism.services.crypto import key_store_id
+from ism.services.identity import CA_KEY_ID
 
 HELLO = uuidlib.UUID("5c0fa1e2-0b6e-4d43-9d1c-7d2f1c7f0a01")
 BOARD = 'name = "test-board"\n[resources.timer]\nperipheral = "timer"\n'
@@ -337,7 +349,7 @@ def _token_state(dev: Device) -> str:
     """The lifecycle state a device token attests; every token also carries the head of the verified log."""
     service = attestation_service(dev, dev.boot(), None, lambda _u: None)
     nonce = os.urandom(32)
-    iak = load_public(dev.root / "keys" / "iak.pub.pem")
+    iak = read_public_pem(pem_from_der(service.public_key_der))
     claims = verify_token(service.device_token(nonce), iak, nonce=nonce).claims
     head = lifecycle.read_log(dev).head
     assert claims.lifecycle_log == head == dev.lifecycle_head
@@ -348,7 +360,7 @@ def _token_state(dev: Device) -> str:
 
 def test_debug_states_are_attested_and_only_legal_transitions_happen(product: Product) -> None:
     def move(state: str) -> None:
-        lifecycle.apply_lifecycle_command(product.device(), product.command("lifecycle", state=state))
+        apply_lifecycle_command(product.device(), product.command("lifecycle", state=state))
 
     assert _token_state(product.device()) == "secured"
     for state in ("decommissioned", "psa-rot-provisioning", "secured", "assembly-and-test"):
@@ -383,9 +395,111 @@ def test_debug_states_are_attested_and_only_legal_transitions_happen(product: Pr
     assert events == ["init", "lock", "lifecycle", "lifecycle", "lifecycle", "lifecycle", "lock"]
 
 
+def test_reprovisioning_regenerates_the_rot_secrets_and_erases_the_microservices(product: Product) -> None:
+    """Recoverable PSA-RoT debug may have exposed the RoT's secrets: the device comes back with new ones."""
+    runtime = Runtime.start(product.root)  # the identity CA key and certificate exist
+    runtime.close()
+    apply_lifecycle_command(product.device(), product.command("lifecycle", state="recoverable-psa-rot-debug"))
+    dev = product.device()
+    old_keys, old_ca = device_keys(product.root), dev.identity_ca()
+    assert old_ca is not None
+    old_files = files(product.root)
+    counters, log = dev.counters(), lifecycle.read_log(dev).entries
+    service = attestation_service(dev, dev.boot(), None, lambda _u: None)
+    nonce = os.urandom(32)
+    old_token, old_iak = service.device_token(nonce), read_public_pem(pem_from_der(service.public_key_der))
+    dev.close()
+
+    entry = apply_lifecycle_command(product.device(), product.command("lifecycle", state="psa-rot-provisioning"))
+    assert (entry.from_state, entry.to_state) == ("recoverable-psa-rot-debug", "psa-rot-provisioning")
+    dev = product.device()
+    assert dev.lifecycle_state == "psa-rot-provisioning"
+    new_keys = device_keys(product.root)
+    assert all(a != b for a, b in zip(new_keys, old_keys, strict=True))  # device key pair, policy, CA, IAK
+    assert dev.info()["policy_key"] == pem_from_der(new_keys[1]).decode()
+    for name in ("keys/root.key", "keys/device.pem"):  # the software store's root key too
+        assert (product.root / name).read_bytes() != old_files[name]
+    gone = {"keys/identity-ca.der", "keys/iak.pub.pem"}
+    assert not gone & set(files(product.root))
+    # the old IAK's sealed key is gone: what signs now is a new key, and old tokens do not verify with it
+    assert (product.root / "keys" / "store" / f"{IAK_ID}.key").read_bytes() != old_files[f"keys/store/{IAK_ID}.key"]
+    service = attestation_service(dev, dev.boot(), None, lambda _u: None)
+    assert service.public_key_der == new_keys[3]
+    new_iak = read_public_pem(pem_from_der(service.public_key_der))
+    token = service.device_token(nonce)
+    assert verify_token(token, new_iak, nonce=nonce).claims.lifecycle_state == "psa-rot-provisioning"
+    refused(SignatureError, "cose.signature", lambda: verify_token(old_token, new_iak, nonce=nonce))
+    refused(SignatureError, "cose.signature", lambda: verify_token(token, old_iak, nonce=nonce))
+    # the microservices' data and keys are erased as by a factory reset
+    assert (dev.installed(), dev.boot().microservices) == ([], ())
+    assert not dev.keystore().exists(HELLO_KEY)
+    storage = open_storage(dev)
+    refused(UsageError, "storage.missing", lambda: storage.get(HELLO, 1))
+    storage.close()
+    # the counters and the log stay
+    assert {k: v for k, v in dev.counters().items() if not k.startswith(("lifecycle", "command."))} == {
+        k: v for k, v in counters.items() if not k.startswith(("lifecycle", "command."))
+    }
+    assert lifecycle.read_log(dev).entries[: len(log)] == log
+    refused(RollbackError, "boot.rollback", lambda: dev.install(product.build("hello", sequence=1)))
+    dev.close()
+    # the identity CA is issued again, by the new CA key
+    runtime = Runtime.start(product.root)
+    runtime.close()
+    ca = product.device().identity_ca()
+    assert ca is not None
+    assert ca != old_ca
+    spki = (
+        x509.load_der_x509_certificate(ca)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    assert spki == new_keys[2]
+
+
+def test_reprovisioning_removes_the_policy_sealed_to_the_old_policy_key(
+    tmp_path: Path, vendor: PrivateKey, dev_key: PrivateKey
+) -> None:
+    """The protected policy is encrypted to the old policy key: unreadable now, so it goes; the vendor seals anew."""
+    policy_signer = generate("es256")
+    dev = Device.init(tmp_path / "sealed")
+    dev.add_anchor(public_pem(dev_key))
+    dev.add_anchor(public_pem(vendor), role="vendor")
+    dev.add_anchor(public_pem(policy_signer), role="policy")
+
+    def sealed(version: int) -> bytes:
+        text = POLICY.replace("version = 1", f"version = {version}")
+        key = read_public_pem(pem_from_der(dev.policy_public_key()))
+        return seal(make_payload(BOARD, text, dev.instance_id).encode(), key, policy_signer)
+
+    dev.install_policy(sealed(1))
+    old_artifact = (dev.root / "config" / "policy.cose").read_bytes()
+    lifecycle.lock(dev)
+    for n, state in enumerate(("recoverable-psa-rot-debug", "psa-rot-provisioning"), start=1):
+        apply_lifecycle_command(
+            Device(dev.root), sign_command(Command("lifecycle", dev.instance_id, n, {"state": state}), vendor)
+        )
+    dev = Device(dev.root)
+    assert not (dev.root / "config" / "policy.cose").exists()
+    assert not dev.configured()
+    assert dev.protected()  # a cleartext policy cannot take its place: the policy counter stays
+    (dev.root / "config" / "policy.cose").write_bytes(old_artifact)  # put back: the new key cannot open it
+    with pytest.raises(IsmError):
+        Device(dev.root).policy()
+    (dev.root / "config" / "policy.cose").unlink()
+    assert Device(dev.root).install_policy(sealed(2)).by_name["hello"].uuid == HELLO
+
+
 # -- power cuts -------------------------------------------------------------------------------------
 
 Snapshot = tuple[str, dict[str, list[str]], dict[str, int], list[str], bool]
+
+
+def device_keys(root: Path) -> list[bytes]:
+    """The device's own public keys: its key pair and every key re-provisioning regenerates."""
+    with Device(root) as dev:
+        keystore = dev.keystore()
+        return [(root / "keys" / "device.pub.pem").read_bytes(), *(keystore.public_key(k) for k in DEVICE_KEYS)]
 
 
 def snapshot(root: Path) -> Snapshot:
@@ -406,7 +520,7 @@ Operation = Callable[[Device], object]
 def _lock(p: Product) -> Operation:
     """Back to psa-rot-provisioning first (through recoverable debug), so that there is a lock to cut."""
     for state in ("recoverable-psa-rot-debug", "psa-rot-provisioning"):
-        lifecycle.apply_lifecycle_command(p.device(), p.command("lifecycle", state=state))
+        apply_lifecycle_command(p.device(), p.command("lifecycle", state=state))
     return lifecycle.lock
 
 
@@ -425,6 +539,13 @@ def _debug(p: Product) -> Operation:
     return lambda dev: lifecycle.apply_lifecycle_command(dev, command)
 
 
+def _reprovision(p: Product) -> Operation:
+    """recoverable-psa-rot-debug -> psa-rot-provisioning: device keys regenerated, microservices erased."""
+    lifecycle.apply_lifecycle_command(p.device(), p.command("lifecycle", state="recoverable-psa-rot-debug"))
+    command = p.command("lifecycle", state="psa-rot-provisioning")
+    return lambda dev: apply_lifecycle_command(dev, command)
+
+
 def _reset(p: Product) -> Operation:
     command = p.command("factory-reset")
     return lambda dev: factory_reset(dev, command)
@@ -440,6 +561,7 @@ OPERATIONS: dict[str, Callable[[Product], Operation]] = {
     "lock": _lock,
     "provision": _provision,
     "debug": _debug,
+    "reprovision": _reprovision,
     "factory-reset": _reset,
     "decommission": _decommission,
 }
@@ -449,6 +571,10 @@ OPERATIONS: dict[str, Callable[[Product], Operation]] = {
 def test_a_power_cut_at_every_write_point(product: Product, tmp_path: Path, name: str) -> None:
     operation = OPERATIONS[name](product)
     template = product.root
+    if name == "reprovision":
+        with Device(template) as dev:
+            dev.keystore().generate(CA_KEY_ID, "ecc-p256")  # every device key exists before
+        old_keys = device_keys(template)
     old = snapshot(template)
 
     probe = tmp_path / "probe"
@@ -470,6 +596,10 @@ def test_a_power_cut_at_every_write_point(product: Product, tmp_path: Path, name
         assert after in (old, new), f"cut at point {n} ({points[n - 1]}) left a mixed state: {after}"
         assert not list(path.rglob("*.tmp")), points[n - 1]
         outcomes.add(after == new)
+        if name == "reprovision":  # old keys, all of them, or new keys, all of them
+            keys = device_keys(path)
+            changed = [a != b for a, b in zip(keys, old_keys, strict=True)]
+            assert changed == [after == new] * len(keys), f"cut at point {n} ({points[n - 1]}): keys {changed}"
         if after == old:  # nothing happened, and the command was not consumed: it applies now
             operation(Device(path))
             assert snapshot(path) == new

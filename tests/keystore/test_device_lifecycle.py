@@ -181,3 +181,50 @@ def test_decommission_on_a_shared_pkcs11_token(pkcs11_pair: tuple[Path, Path]) -
     assert works(b) == before_b  # every key of the other device, under the same ids, is still there
     with Device(b) as dev:
         assert all(dev.keystore().exists(k) for k in DEVICE_KEYS)
+
+
+# -- re-provisioning from recoverable-psa-rot-debug -------------------------------------------------
+
+
+def _reprovision(root: Path) -> None:
+    vendor = root.parent / "vendor.pem"
+    for state in ("recoverable-psa-rot-debug", "psa-rot-provisioning"):
+        command = root.parent / f"{state}.cose"
+        ism_ok(
+            "provision", "command", "lifecycle", "--state", state, "--sign", vendor, "--device", root, "--out", command
+        )
+        ism_ok("device", "lifecycle", root, "--command", command)
+
+
+def test_reprovisioning_regenerates_the_device_keys_on_a_tpm(tpm_token: Path) -> None:
+    key = key_store_id(AUTHENTICATOR, "device-2fa")
+    with Device(tpm_token) as dev:
+        store = dev.keystore()
+        store.generate(key, "ecc-p256")
+        for k in (IAK_ID, "device.identity-ca"):
+            store.generate(k, "ecc-p256")
+        before = [store.public_key(k) for k in (IAK_ID, POLICY_KEY_ID, "device.identity-ca")]
+    _reprovision(tpm_token)
+    with Device(tpm_token) as dev:
+        assert dev.lifecycle_state == "psa-rot-provisioning"
+        store = dev.keystore()
+        assert store.backend == "tpm"
+        after = [store.public_key(k) for k in (IAK_ID, POLICY_KEY_ID, "device.identity-ca")]
+        assert all(a != b for a, b in zip(after, before, strict=True))
+        assert not store.exists(key)
+        assert dev.installed() == []
+
+
+def test_reprovisioning_on_a_shared_pkcs11_token(pkcs11_pair: tuple[Path, Path]) -> None:
+    a, b = pkcs11_pair
+    before_a, before_b = works(a), works(b)
+    _reprovision(a)
+    with Device(a) as dev:
+        store = dev.keystore()
+        assert store.backend == "pkcs11"
+        assert store.public_key(IAK_ID) != before_a[0]
+        assert dev.policy_public_key() != before_a[1]
+        assert not store.exists(MS_KEY)
+        assert not store.exists(f"storage.{AUTHENTICATOR}")
+        assert dev.installed() == []
+    assert works(b) == before_b  # the other device's keys, under the same ids, are untouched

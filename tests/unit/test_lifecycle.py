@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ism.crypto import cose
-from ism.crypto.keys import PrivateKey, generate, public_pem
+from ism.crypto.keys import PrivateKey, generate, load_private, public_pem
 from ism.crypto.statement import sign_statement, verify_statement
 from ism.device import lifecycle
 from ism.device.commands import sign_command
@@ -34,6 +34,7 @@ from ism.formats.lifecycle import (
     EVENTS,
     STATES,
     Entry,
+    Intent,
     LogBody,
     Statement,
     check_chain,
@@ -43,6 +44,7 @@ from ism.formats.lifecycle import (
     encode_log,
     genesis,
 )
+from ism.maintenance import apply_lifecycle_command
 
 #: every legal (from, to, event), written out from the PSA Security Model
 LEGAL = {
@@ -288,3 +290,67 @@ def test_statement_round_trip_and_refusals() -> None:
         with pytest.raises(FormatError) as fmt:
             verify_statement(data, iak.public_key())
         assert fmt.value.rule == "lifecycle.statement"
+
+
+# -- re-provisioning from recoverable-psa-rot-debug -------------------------------------------------
+
+
+def _to_recoverable(dev: Device, vendor: PrivateKey) -> bytes:
+    """The device into recoverable-psa-rot-debug; returns the command that re-provisions it."""
+    debug = Command("lifecycle", dev.instance_id, 1, {"state": "recoverable-psa-rot-debug"})
+    lifecycle.apply_lifecycle_command(dev, sign_command(debug, vendor))
+    return sign_command(Command("lifecycle", dev.instance_id, 9, {"state": "psa-rot-provisioning"}), vendor)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_reprovisioning_without_its_plan_is_refused_and_changes_nothing(locked: Device, vendor: PrivateKey) -> None:
+    """The device layer alone cannot name the keys to regenerate: it refuses rather than keep the old secrets."""
+    command = _to_recoverable(locked, vendor)
+    before = _tree(locked.root)
+    with pytest.raises(TrustError) as info:
+        lifecycle.apply_lifecycle_command(Device(locked.root), command)
+    assert info.value.rule == "lifecycle.transition"
+    assert _tree(locked.root) == before
+    entry = apply_lifecycle_command(Device(locked.root), command)  # the command was not consumed
+    assert (entry.from_state, entry.to_state) == ("recoverable-psa-rot-debug", "psa-rot-provisioning")
+
+
+def test_reprovisioning_regenerates_the_device_key_pair_and_policy_key(locked: Device, vendor: PrivateKey) -> None:
+    command = _to_recoverable(locked, vendor)
+    root = locked.root
+    device_pub, policy_key = (root / "keys" / "device.pub.pem").read_bytes(), locked.policy_public_key()
+    device_priv = (root / "keys" / "device.pem").read_bytes()
+    locked.close()
+    apply_lifecycle_command(Device(root), command)
+    dev = Device(root)
+    assert dev.lifecycle_state == "psa-rot-provisioning"
+    assert (root / "keys" / "device.pub.pem").read_bytes() != device_pub
+    assert (root / "keys" / "device.pem").read_bytes() != device_priv
+    assert (root / "keys" / "device.pem").stat().st_mode & 0o777 == 0o600
+    new = load_private(root / "keys" / "device.pem")
+    assert public_pem(new) == (root / "keys" / "device.pub.pem").read_bytes()
+    assert dev.policy_public_key() != policy_key
+    body = _body(dev)
+    assert body.pending is None
+    assert [e.event for e in body.entries] == ["init", "lock", "lifecycle", "lifecycle"]
+    assert dev.counters()["command.lifecycle"] == 9
+
+
+def test_an_intent_that_regenerates_round_trips_and_an_older_one_encodes_as_before() -> None:
+    entry = Entry(1, "lifecycle", "recoverable-psa-rot-debug", "psa-rot-provisioning", "", 1, bytes(32))
+    first = Entry(0, "init", "assembly-and-test", "psa-rot-provisioning", "", 1, bytes(32))
+    intent = Intent(entry, None, ("device.iak",), ("keys/root.key",), None, ("device.iak",))
+    assert decode_log(encode_log(LogBody((first,), intent))).pending == intent
+    plain = Intent(entry, None, ("k",), ())
+    assert "regenerate" not in plain.encode()[3]
+    raw = {
+        1: "ism/lifecycle/v1",
+        2: [first.encode()],
+        3: {**plain.encode(), 3: {"keys": [], "files": [], "regenerate": []}},
+    }
+    with pytest.raises(StateCorruptError) as info:
+        decode_log(cbor.dumps(raw))
+    assert info.value.rule == "state.lifecycle"

@@ -17,7 +17,7 @@ from typing import Any
 from ism.cli._io import read_file, write_file
 from ism.crypto.keys import load_public
 from ism.crypto.statement import MAX_STATEMENT_SIZE, verify_statement
-from ism.device.lifecycle import apply_lifecycle_command, lock, log_json, provision
+from ism.device.lifecycle import lock, log_json, provision
 from ism.device.virtual import Device
 from ism.formats.command import MAX_COMMAND_SIZE
 
@@ -103,8 +103,20 @@ def cmd_device_decommission(args: argparse.Namespace) -> None:
 def cmd_device_lifecycle(args: argparse.Namespace) -> None:
     with Device(args.dir) as dev:
         if args.command:
+            from ism.maintenance import apply_lifecycle_command
+
             entry = apply_lifecycle_command(dev, _command(args.command))
-            _emit(args, entry.to_json(), f"{entry.from_state} -> {entry.to_state} (lifecycle entry {entry.sequence})")
+            regenerated = (
+                "; re-provisioned: device keys regenerated, microservice data and keys erased, the protected "
+                "policy removed (seal a new one to the new policy key)"
+                if entry.from_state == "recoverable-psa-rot-debug"
+                else ""
+            )
+            _emit(
+                args,
+                entry.to_json(),
+                f"{entry.from_state} -> {entry.to_state} (lifecycle entry {entry.sequence}){regenerated}",
+            )
             return
         entries = log_json(dev)
         state = dev.lifecycle_state

@@ -28,7 +28,8 @@ Log body (deterministic CBOR, carried in a COSE_Mac0 under the device state key)
       2: [ entry, ... ],               / sequence 0, 1, 2, ... /
       ? 3: { 1: entry,                 / a transition under way (intent): the entry it will append /
              2: bstr / null,           / the signed command that authorised it /
-             3: { "keys": [* tstr], "files": [* tstr] },   / what it erases /
+             3: { "keys": [* tstr], "files": [* tstr],     / what it erases /
+                  ? "regenerate": [+ tstr] },         / the device keys generated afresh (re-provisioning) /
              4: bstr / null } }        / the decommission statement, signed before anything is erased /
 
     entry = { 1: uint (sequence), 2: tstr (event), 3: tstr (from), 4: tstr (to), 5: tstr (reason),
@@ -75,6 +76,7 @@ __all__ = [
     "decode_statement",
     "encode_log",
     "genesis",
+    "reprovisions",
     "require",
 ]
 
@@ -113,6 +115,16 @@ def _uint(value: Any) -> bool:
 def genesis(instance_id: bytes) -> bytes:
     """The ``prev`` of a device's first entry: binds the log to the device."""
     return hashlib.sha256(LOG_TYPE.encode() + instance_id).digest()
+
+
+def reprovisions(from_state: str, to_state: str) -> bool:
+    """True for re-provisioning: recoverable-psa-rot-debug -> psa-rot-provisioning.
+
+    In recoverable PSA-RoT debug the Root of Trust's secrets may have been
+    exposed, so this transition regenerates the device's own keys and erases
+    the microservices' data and keys (planned by :mod:`ism.maintenance`).
+    """
+    return from_state == "recoverable-psa-rot-debug" and to_state == "psa-rot-provisioning"
 
 
 def require(state: str, action: str, *, factory: bool = False) -> None:
@@ -245,14 +257,14 @@ class Intent:
     keys: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
     statement: bytes | None = None
+    #: key ids destroyed (they are in ``keys``) and then generated afresh: re-provisioning
+    regenerate: tuple[str, ...] = ()
 
     def encode(self) -> dict[int, Any]:
-        return {
-            1: self.entry.encode(),
-            2: self.command,
-            3: {"keys": list(self.keys), "files": list(self.files)},
-            4: self.statement,
-        }
+        plan: dict[str, list[str]] = {"keys": list(self.keys), "files": list(self.files)}
+        if self.regenerate:  # only then: an older intent encodes as it did
+            plan["regenerate"] = list(self.regenerate)
+        return {1: self.entry.encode(), 2: self.command, 3: plan, 4: self.statement}
 
     @classmethod
     def decode(cls, raw: Any) -> Intent:
@@ -261,14 +273,17 @@ class Intent:
         plan = raw[3]
         if (
             not isinstance(plan, dict)
-            or set(plan) != {"keys", "files"}
+            or not {"keys", "files"} <= set(plan) <= {"keys", "files", "regenerate"}
             or not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in plan.values())
         ):
             raise _corrupt("a pending transition's plan lists key ids and files")
         for value in (raw[2], raw[4]):
             if value is not None and not isinstance(value, bytes):
                 raise _corrupt("a pending transition's command and statement are byte strings")
-        return cls(Entry.decode(raw[1]), raw[2], tuple(plan["keys"]), tuple(plan["files"]), raw[4])
+        regenerate = tuple(plan.get("regenerate", ()))
+        if "regenerate" in plan and not regenerate:
+            raise _corrupt("a pending transition's regenerate list is absent or not empty")
+        return cls(Entry.decode(raw[1]), raw[2], tuple(plan["keys"]), tuple(plan["files"]), raw[4], regenerate)
 
 
 @dataclass(frozen=True, slots=True)
