@@ -458,7 +458,9 @@ def _every_cut(template: Path, work: Path, ms: uuidlib.UUID, command: bytes) -> 
         assert not list(path.rglob("*.tmp")), points[n - 1]
         outcomes.add(after == new)
         # the vendor sends the command again: it finishes, or is refused because it already took effect
-        if after == new and Device(path).counters().get("command.microservice", 0) >= sequence:
+        counters = Device(path).counters()  # the vendor's counter, or the store's for a store-signed ban
+        moved = max(counters.get("command.microservice", 0), counters.get("command.microservice.store", 0))
+        if after == new and moved >= sequence:
             with pytest.raises(RollbackError) as err:
                 _apply(path, command)
             assert err.value.rule == "command.replay"
@@ -690,3 +692,30 @@ def test_ism_device_run_applies_a_command_given_while_it_runs(token: Token) -> N
         seen.append(lines.get_nowait())
     output = "".join(seen)
     assert re.search(r"^\s+link\s+stopped\b", output, flags=re.MULTILINE), output
+
+
+def test_a_store_ban_cannot_use_up_the_vendors_sequence_space(capsys: pytest.CaptureFixture[str], token: Token) -> None:
+    """Store and vendor commands are ordered by counters of their own (a review finding)."""
+    highest = (1 << 63) - 1
+    apply(capsys, token, token.command(uuidlib.uuid4(), "ban", key=token.store, sequence=highest))
+    apply(capsys, token, token.command(ANALYTICS, "suspend", sequence=1))  # the vendor still commands
+    assert states(capsys, token)["analytics"] == "suspended"
+    with Device(token.root) as dev:
+        assert dev.counters()["command.microservice"] == 1
+        assert dev.counters()["command.microservice.store"] == highest
+    replay = token.command(uuidlib.uuid4(), "ban", key=token.store, sequence=highest)
+    refused(capsys, token, replay, ErrorCode.ROLLBACK, "command.replay")
+
+
+def test_preemptive_bans_have_a_quota_of_their_own(
+    capsys: pytest.CaptureFixture[str], token: Token, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bans of microservices the device never had cannot fill the table and block installs (a review finding)."""
+    from ism.device import microservices
+
+    monkeypatch.setattr(microservices, "MAX_PREEMPTIVE_BANS", 3)
+    for _ in range(3):
+        apply(capsys, token, token.command(uuidlib.uuid4(), "ban", key=token.store))
+    refused(capsys, token, token.command(uuidlib.uuid4(), "ban", key=token.store), ErrorCode.TRUST, "ms-lifecycle.full")
+    apply(capsys, token, token.command(ANALYTICS, "ban", key=token.store))  # one it has still counts as usual
+    assert states(capsys, token)["analytics"] == "banned"

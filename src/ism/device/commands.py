@@ -13,7 +13,8 @@ must be a COSE_Sign1 whose ``kid`` names a trust anchor of a role allowed
 for its kind (``vendor``; ``store`` may also ban a microservice), whose
 signature verifies before its payload is decoded, whose instance ID is this
 device's (compared in constant time) and whose sequence is above the
-device's counter ``command.<kind>``. The counter moves only after the
+device's counter for the kind and the signer's role (``command.<kind>`` for
+the vendor, ``command.<kind>.store`` for the store). The counter moves only after the
 effect is durable (:func:`consume`): a power cut in between leaves the
 command valid, so it can be applied again — every effect must therefore be
 idempotent.
@@ -32,7 +33,7 @@ from ism.formats.command import MAX_COMMAND_SIZE, Command, decode_command
 if TYPE_CHECKING:
     from ism.device.virtual import Device
 
-__all__ = ["CONTENT_TYPE", "authorise", "consume", "counter_name", "sign_command", "signer_roles"]
+__all__ = ["CONTENT_TYPE", "authorise", "authorise_signed", "consume", "counter_name", "sign_command", "signer_roles"]
 
 CONTENT_TYPE: Final = "application/ism-command+cbor"
 
@@ -44,9 +45,14 @@ def signer_roles(command: Command) -> tuple[str, ...]:
     return ("vendor",)
 
 
-def counter_name(kind: str) -> str:
-    """The anti-rollback counter that orders commands of ``kind``."""
-    return f"command.{kind}"
+def counter_name(kind: str, role: str = "vendor") -> str:
+    """The anti-rollback counter that orders commands of ``kind`` signed by a ``role`` anchor.
+
+    Each signer role has counters of its own, so one role cannot use up another's sequence
+    space (a store ban at the largest sequence would otherwise block every later vendor
+    command of its kind).
+    """
+    return f"command.{kind}" if role == "vendor" else f"command.{kind}.{role}"
 
 
 def sign_command(command: Command, key: PrivateKey) -> bytes:
@@ -56,6 +62,14 @@ def sign_command(command: Command, key: PrivateKey) -> bytes:
 
 def authorise(device: Device, data: bytes, kind: str) -> Command:
     """Checks a signed command of ``kind`` for ``device``; returns it, without applying it.
+
+    For kinds only a vendor may sign; see :func:`authorise_signed` for the signer's role.
+    """
+    return authorise_signed(device, data, kind)[0]
+
+
+def authorise_signed(device: Device, data: bytes, kind: str) -> tuple[Command, str]:
+    """Checks a signed command of ``kind`` for ``device``; returns it and its signer's role, without applying it.
 
     Raises:
         FormatError: ``command.format`` (not a COSE_Sign1 with an embedded payload,
@@ -82,13 +96,14 @@ def authorise(device: Device, data: bytes, kind: str) -> Command:
     command = decode_command(payload)
     if command.kind != kind:
         raise UsageError("command.kind", f"this is a {command.kind} command, not {kind}", got=command.kind)
-    if not any(kid in anchors[role] for role in signer_roles(command)):
+    role = next((r for r in signer_roles(command) if kid in anchors[r]), None)
+    if role is None:
         raise UntrustedSignerError(
             "command.signer", f"a {command.kind} command must be signed by a {'/'.join(signer_roles(command))} anchor"
         )
     if not hmac.compare_digest(command.instance_id, device.instance_id):
         raise TrustError("command.device", "the command was made for another device", got=command.instance_id.hex())
-    current = device.counters().get(counter_name(kind), 0)
+    current = device.counters().get(counter_name(kind, role), 0)
     if command.sequence <= current:
         raise RollbackError(
             "command.replay",
@@ -96,9 +111,9 @@ def authorise(device: Device, data: bytes, kind: str) -> Command:
             got=command.sequence,
             expected=f"> {current}",
         )
-    return command
+    return command, role
 
 
-def consume(device: Device, command: Command) -> None:
-    """Advances the command's counter: call once its effect is durable."""
-    device.advance_counter(counter_name(command.kind), command.sequence)
+def consume(device: Device, command: Command, role: str = "vendor") -> None:
+    """Advances the counter of the command's kind and signer role: call once its effect is durable."""
+    device.advance_counter(counter_name(command.kind, role), command.sequence)

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ism.crypto import cose
 from ism.device._atomic import atomic_write, read_capped
-from ism.device.commands import authorise, consume
+from ism.device.commands import authorise_signed, consume
 from ism.errors import IsmError, StateCorruptError, TrustError
 from ism.formats import cbor, suit
 from ism.formats.command import Command
@@ -107,6 +107,9 @@ FORMAT: Final = 1
 MAX_FILE: Final = 1024 * 1024
 #: most records the file holds (bans are kept for ever)
 MAX_RECORDS: Final = 4096
+#: most bans of microservices the device never had (pre-emptive bans, e.g. from the store): a
+#: quota of their own, so that such bans cannot fill the table and block installs
+MAX_PREEMPTIVE_BANS: Final = 1024
 #: largest package read for its claimed name (as secure boot's cap)
 MAX_PACKAGE: Final = 16 * 1024 * 1024
 MAX_REASON: Final = 128
@@ -335,6 +338,13 @@ class MicroserviceStates:
             records.update(changed)
             if len(records) > MAX_RECORDS:
                 raise LifecycleError("ms-lifecycle.full", f"the device keeps at most {MAX_RECORDS} lifecycle records")
+            if any(r.state == "banned" and r.name is None for r in changed.values()) and (
+                sum(r.state == "banned" and r.name is None for r in records.values()) > MAX_PREEMPTIVE_BANS
+            ):
+                raise LifecycleError(
+                    "ms-lifecycle.full",
+                    f"the device keeps at most {MAX_PREEMPTIVE_BANS} bans of microservices it never had",
+                )
             generation += 1
             if restricting:
                 floor = generation
@@ -600,7 +610,7 @@ def apply_command(device: Device, data: bytes, erase: Eraser) -> tuple[Command, 
         TrustError: ``lifecycle.decommissioned``.
     """
     require_state(device.lifecycle_state, "take a microservice command")
-    command = authorise(device, data, "microservice")
+    command, role = authorise_signed(device, data, "microservice")
     ms = uuidlib.UUID(bytes=command.args["uuid"])
     action = str(command.args["action"])
     states = MicroserviceStates(device)
@@ -609,7 +619,7 @@ def apply_command(device: Device, data: bytes, erase: Eraser) -> tuple[Command, 
     if record.pending:
         states.finish_erase(ms, erase)
         record = states.get(ms) or record
-    consume(device, command)
+    consume(device, command, role)
     return command, record
 
 
