@@ -280,3 +280,20 @@ def test_state_survives_a_copy_of_the_device(device: Device, hello: str, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(device.root, copy)
     assert MicroserviceStates(Device(copy)).state(hello) == "suspended"
+
+
+def test_a_full_table_refuses_an_install_before_the_package_is_written(
+    device: Device, build_package: Callable[..., bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise the package would land without its record (a review finding)."""
+    from ism.device import microservices
+
+    monkeypatch.setattr(microservices, "MAX_RECORDS", 2)
+    states = MicroserviceStates(device)
+    for _ in range(2):
+        states.transition(uuidlib.uuid4(), "ban")
+    package = build_package("hello")
+    with pytest.raises(LifecycleError) as err:
+        device.install(package)
+    assert err.value.rule == "ms-lifecycle.full"
+    assert not list(device.root.joinpath("packages").glob("*.suit"))

@@ -407,9 +407,13 @@ class MicroserviceStates:
         """Refuses to install a banned microservice (before anything is written).
 
         Raises:
-            LifecycleError: ``ms-lifecycle.banned``.
+            LifecycleError: ``ms-lifecycle.banned``, ``ms-lifecycle.pending``, ``ms-lifecycle.full``
+                (no room for a new record: refused before the package is written).
         """
-        record = self.load().get(str(ms))
+        records = self.load()
+        record = records.get(str(ms))
+        if record is None and len(records) >= MAX_RECORDS:
+            raise LifecycleError("ms-lifecycle.full", f"the device keeps at most {MAX_RECORDS} lifecycle records")
         if record is not None and record.state == "banned":
             raise LifecycleError(
                 "ms-lifecycle.banned",
