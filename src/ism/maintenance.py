@@ -16,13 +16,17 @@ anti-rollback counters (an old, vulnerable version cannot come back after a
 reset), the trust anchors, the policy and the device's own keys (identity,
 attestation, policy): the vendor's provisioning. It ends in ``secured``.
 
-Decommissioning first signs a statement with the initial attestation key
+Decommissioning records its intent with the digest of its final statement
 (instance ID, time, the digest of the log's ``decommissioned`` entry, the
-command's digest, every key and file it erases), records it with the
-intent, then destroys every key — the microservices', the storage's, the
-policy key, the identity CA key and the attestation key last — and removes
-every file but the ones that show what the device was and that it is
-decommissioned (:data:`KEPT`). It ends in ``decommissioned``, for good.
+command's digest, every key and file it erases), then destroys every key —
+the microservices', the storage's, the policy key, the identity CA key —
+then signs the statement with the initial attestation key, writes it, and
+destroys the attestation key last; then it removes every file but the ones
+that show what the device was and that it is decommissioned (:data:`KEPT`).
+It ends in ``decommissioned``, for good. The statement is signed only once
+the intent moved the ``lifecycle`` counter (the log from before cannot come
+back) and every other key is gone: a statement never exists for a device
+that could still come up with its keys.
 
 Threat: a device reset or retired by someone without the vendor's authority
 (a signed, device-bound, fresh command: :func:`~ism.device.commands.authorise`),
@@ -42,19 +46,17 @@ bytes go) — which is why keys live sealed, and erasing means destroying keys.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Any, Final
 
 from ism.crypto.keys import pem_from_der
-from ism.crypto.statement import sign_statement
 from ism.device import lifecycle
 from ism.device._atomic import TMP_SUFFIX, atomic_write
 from ism.device.commands import authorise
-from ism.device.lifecycle import LOG_FILE, STATEMENT_FILE, command_digest, perform, prepare, stored_key_ids
+from ism.device.lifecycle import LOG_FILE, STATEMENT_FILE, perform, prepare, stored_key_ids
 from ism.device.virtual import POLICY_KEY_ID, Device
 from ism.errors import IsmError
-from ism.formats.lifecycle import Entry, Statement
+from ism.formats.lifecycle import Entry
 from ism.formats.lifecycle import require as require_state
 from ism.runtime import STORAGE_DB, STORAGE_KEY_ID, open_storage
 from ism.services.attestation import IAK_ID
@@ -200,7 +202,7 @@ def factory_reset(device: Device, data: bytes) -> Erased:
 
 
 def decommission(device: Device, data: bytes) -> Erased:
-    """Applies a signed ``decommission`` command: the final statement, then every key destroyed, for good.
+    """Applies a signed ``decommission`` command: every key destroyed, the final statement signed before the IAK.
 
     Returns:
         What was erased, with the signed statement (also kept as ``DIR/state/decommission.cose``).
@@ -219,8 +221,5 @@ def decommission(device: Device, data: bytes) -> Erased:
     iak = keystore.public_key(IAK_ID)
     atomic_write(device.root / IAK_PUBLIC, pem_from_der(iak), device.faults)  # public: how the statement verifies
     keys, files = decommission_plan(device)
-    digest = command_digest(data)
-    statement = Statement(device.instance_id, entry.time, entry.digest, entry.sequence, digest, keys, files)
-    signed = sign_statement(statement, functools.partial(keystore.sign, IAK_ID), iak)
-    perform(device, body, entry, command=data, keys=keys, files=files, statement=signed)
-    return Erased(entry, keys, files, signed)
+    perform(device, body, entry, command=data, keys=keys, files=files, signer=IAK_ID)
+    return Erased(entry, keys, files, (device.root / STATEMENT_FILE).read_bytes())

@@ -48,11 +48,13 @@ from ism.errors import (
     IsmError,
     RollbackError,
     SignatureError,
+    StateCorruptError,
     TrustError,
     UntrustedSignerError,
     UsageError,
 )
 from ism.formats.command import AnchorChange, Command
+from ism.formats.lifecycle import decode_log
 from ism.formats.policy_artifact import make_payload
 from ism.maintenance import DEVICE_KEYS, KEPT, apply_lifecycle_command, decommission, factory_reset
 from ism.runtime import Runtime, attestation_service, open_storage
@@ -605,3 +607,107 @@ def test_a_power_cut_at_every_write_point(product: Product, tmp_path: Path, name
             assert snapshot(path) == new
         shutil.rmtree(path)
     assert outcomes == {False, True}, "some cuts must land before the intent, some after"
+
+
+# -- an interrupted transition undone by putting the old log back -----------------------------------
+
+#: the state each transition with erasing effects ends in
+_ERASING: dict[str, str] = {
+    "reprovision": "psa-rot-provisioning",
+    "factory-reset": "secured",
+    "decommission": "decommissioned",
+}
+
+
+def _signed_statement_in_log(root: Path, iak: Path) -> bool:
+    """True if the log (readable by anyone with the disk) carries a statement signed by the IAK."""
+    msg = cose.parse((root / lifecycle.LOG_FILE).read_bytes(), expect="mac0")
+    pending = decode_log(msg.payload or b"").pending
+    if pending is None or pending.statement is None:
+        return False
+    try:
+        verify_statement(pending.statement, load_public(iak))
+    except IsmError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list(_ERASING))
+def test_an_interrupted_transition_is_not_undone_by_putting_the_old_log_back(
+    product: Product, tmp_path: Path, name: str
+) -> None:
+    """The reviewer's attack: copy the log, start a transition, cut the power, put the old log back.
+
+    The intent moves the ``lifecycle`` counter before the first effect, so once
+    anything was erased (or a statement exists) the old log is refused
+    (``state.lifecycle-rollback``); a cut before the counter moved has done
+    nothing and left no statement. Without the old log put back, every cut
+    ends in the old state or the new one, and a statement file exists only on
+    a device that opens decommissioned.
+    """
+    operation = OPERATIONS[name](product)
+    template = product.root
+    old_log = (template / lifecycle.LOG_FILE).read_bytes()
+    iak = tmp_path / "iak.pub.pem"
+    shutil.copy(template / "keys" / "iak.pub.pem", iak)
+    old = snapshot(template)
+    probe = tmp_path / "probe"
+    shutil.copytree(template, probe)
+    faults = Faults()
+    operation(Device(probe, faults))
+    assert snapshot(probe)[0] == _ERASING[name]
+
+    verdicts = set()
+    for n in range(1, len(faults.points) + 1):
+        path, intact = tmp_path / f"cut-{n}", tmp_path / f"intact-{n}"
+        shutil.copytree(template, path)
+        with pytest.raises(PowerCut):
+            operation(Device(path, Faults(cut_at=n)))
+        where = f"cut at point {n} ({faults.points[n - 1]})"
+        assert not _signed_statement_in_log(path, iak), where
+        shutil.copytree(path, intact)
+        statement = (path / lifecycle.STATEMENT_FILE).is_file()
+        (path / lifecycle.LOG_FILE).write_bytes(old_log)  # the attacker's copy from before the transition
+        after: Snapshot | str
+        try:
+            after = snapshot(path)
+        except StateCorruptError as exc:
+            after = exc.rule
+        if isinstance(after, str):
+            assert after == "state.lifecycle-rollback", where
+            verdicts.add("refused")
+        else:
+            assert after == old, f"{where}: the old log brought back a changed device: {after}"
+            assert not statement, f"{where}: a statement exists for a device that is {after[0]}"
+            verdicts.add("untouched")
+        state = snapshot(intact)[0]  # the same cut without the attack: rolled forward or never begun
+        assert state in (old[0], _ERASING[name]), where
+        if statement:
+            assert state == "decommissioned", f"{where}: a statement exists for a device that is {state}"
+        shutil.rmtree(path)
+        shutil.rmtree(intact)
+    assert verdicts == {"refused", "untouched"}
+
+
+def test_reprovisioning_is_decided_on_the_fresh_log_not_the_state_seen_at_open(product: Product) -> None:
+    """Two processes: A opens the device (secured); B moves it to recoverable-psa-rot-debug; A re-provisions."""
+    with Device(product.root) as dev:
+        dev.keystore().generate(CA_KEY_ID, "ecc-p256")  # every device key exists before
+    old_keys = device_keys(product.root)
+    a = product.device()
+    assert a.lifecycle_state == "secured"
+    lifecycle.apply_lifecycle_command(product.device(), product.command("lifecycle", state="recoverable-psa-rot-debug"))
+    command = product.command("lifecycle", state="psa-rot-provisioning")
+    before = files(product.root)
+    with pytest.raises(TrustError) as info:  # the device layer alone has no plan: refused, nothing written
+        lifecycle.apply_lifecycle_command(a, command)
+    assert info.value.rule == "lifecycle.transition"
+    assert files(product.root) == before
+    entry = apply_lifecycle_command(a, command)
+    assert (entry.from_state, entry.to_state) == ("recoverable-psa-rot-debug", "psa-rot-provisioning")
+    a.close()
+    new_keys = device_keys(product.root)
+    assert all(n != o for n, o in zip(new_keys, old_keys, strict=True)), "re-provisioning kept old device keys"
+    with Device(product.root) as dev:
+        assert dev.lifecycle_state == "psa-rot-provisioning"
+        assert not dev.keystore().exists(HELLO_KEY)

@@ -354,3 +354,38 @@ def test_an_intent_that_regenerates_round_trips_and_an_older_one_encodes_as_befo
     with pytest.raises(StateCorruptError) as info:
         decode_log(cbor.dumps(raw))
     assert info.value.rule == "state.lifecycle"
+
+
+def test_an_intent_that_signs_a_statement_keeps_only_its_digest() -> None:
+    entry = Entry(1, "decommission", "secured", "decommissioned", "", 1, bytes(32), bytes(32), 1)
+    first = Entry(0, "init", "assembly-and-test", "psa-rot-provisioning", "", 1, bytes(32))
+    intent = Intent(entry, b"cmd", ("k", "device.iak"), ("f",), bytes(range(32)), (), "device.iak")
+    assert intent.encode()[3]["sign"] == ["device.iak"]
+    assert decode_log(encode_log(LogBody((first,), intent))).pending == intent
+    for statement in (b"\xd2" * 100, None):  # a signer comes with a 32-byte digest, never a signed statement
+        raw = {1: "ism/lifecycle/v1", 2: [first.encode()], 3: {**intent.encode(), 4: statement}}
+        with pytest.raises(StateCorruptError) as info:
+            decode_log(cbor.dumps(raw))
+        assert info.value.rule == "state.lifecycle"
+
+
+def test_the_intent_moves_the_counter_and_the_log_from_before_it_is_a_rollback(
+    locked: Device, vendor: PrivateKey
+) -> None:
+    """A log one ahead of the counter with an intent rolls forward; the log from before the intent is refused."""
+    root = locked.root
+    _to_recoverable(locked, vendor)
+    before, counters = (root / lifecycle.LOG_FILE).read_bytes(), (root / "state" / "rollback.cose").read_bytes()
+    dev = Device(root)
+    body, entry = lifecycle.prepare(dev, "lifecycle", "psa-rot-provisioning", "test")
+    intent = Intent(entry, None, ("device.iak",), (), None, ("device.iak",))
+    lifecycle._write(dev, LogBody(body.entries, intent))  # the power fails before the counter moves
+    assert dev.counters()[lifecycle.COUNTER] == entry.sequence - 1
+    assert Device(root).lifecycle_state == "psa-rot-provisioning"  # counter moved, rolled forward
+    assert Device(root).counters()[lifecycle.COUNTER] == entry.sequence
+    (root / lifecycle.LOG_FILE).write_bytes(before)
+    with pytest.raises(StateCorruptError) as info:
+        lifecycle.read_log(Device(root))
+    assert info.value.rule == "state.lifecycle-rollback"
+    (root / "state" / "rollback.cose").write_bytes(counters)  # both put back: nothing but the old state
+    assert Device(root).lifecycle_state == "recoverable-psa-rot-debug"

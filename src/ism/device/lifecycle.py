@@ -14,17 +14,28 @@ it needs the services); the plan is data, so carrying it out is this module's.
 Must not import: hypervisor, services, runtime, cli.
 
 Crash safety. A transition with effects (a bundle's anchor changes, the keys
-and files a reset or a decommissioning erases) first writes its *intent* —
-the entry it will append, the signed command, the plan, the signed
-statement — into the log (one atomic write), then performs each effect
-idempotently (an anchor written or removed, a key destroyed if it exists, a
-file removed if present), then *commits*: the log with the entry appended
-and no intent (one atomic write), then the ``lifecycle`` counter and the
-command's counter. A power cut before the intent leaves the old state (the
-command was not consumed: it can be sent again); after it, the next open
-finishes the effects and commits; after the commit, the next open moves
-the counters that had not moved yet. The state is therefore always the old
-one or the new one, never a mixture.
+and files a reset, a re-provisioning or a decommissioning erases) first
+writes its *intent* — the entry it will append, the signed command, the
+plan, for a decommissioning the digest of the statement to sign — into the
+log (one atomic write), then moves the ``lifecycle`` counter to the intent's
+sequence (from then on the log from before the intent is an older copy:
+``state.lifecycle-rollback``), then performs each effect idempotently (an
+anchor written or removed, a key destroyed if it exists, a file removed if
+present), then *commits*: the log with the entry appended and no intent (one
+atomic write), then the command's counter. A power cut before the counter
+moved leaves the old state with nothing done (the command was not consumed:
+it can be sent again); a log whose intent is one ahead of the counter is that
+cut after the intent: the next open moves the counter and rolls forward, as
+it does for any pending intent; after the commit, the next open moves the
+counters that had not moved yet. The state is therefore always the old one
+or the new one, never a mixture, and once anything was erased the old log
+cannot be put back.
+
+The decommission statement is signed (by the intent's ``signer``, the IAK)
+only after the counter moved and every other key was destroyed, written to
+``DIR/state/decommission.cose``, and then the IAK is destroyed: no readable
+file holds a statement before the device is past the point of no return,
+and every later open of that device ends in ``decommissioned``.
 
 Threat: an offline attacker editing the log to change the device's state
 (the MAC and the hash chain: ``state.lifecycle``), putting back an older
@@ -40,6 +51,8 @@ device).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import time
 from collections.abc import Callable
@@ -51,6 +64,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ism.crypto import cose
 from ism.crypto.keys import PublicKey, generate, pem_from_der, public_pem, read_public_pem, signer_id
+from ism.crypto.statement import sign_statement
 from ism.device._atomic import TMP_SUFFIX, atomic_remove, atomic_write, read_capped
 from ism.device.commands import authorise, counter_name
 from ism.device.microservices import MicroserviceStates
@@ -60,6 +74,7 @@ from ism.formats.lifecycle import (
     Entry,
     Intent,
     LogBody,
+    Statement,
     check_chain,
     check_transition,
     decode_log,
@@ -70,6 +85,7 @@ from ism.formats.lifecycle import (
 from ism.formats.lifecycle import require as require_state
 
 if TYPE_CHECKING:
+    from ism.crypto.keystore import KeyStore
     from ism.device.virtual import Device
 
 __all__ = [
@@ -85,6 +101,7 @@ __all__ = [
     "prepare",
     "provision",
     "read_log",
+    "statement_for",
     "stored_key_ids",
 ]
 
@@ -155,6 +172,8 @@ def _read_stored(device: Device) -> LogBody | None:
         follows = entry.sequence == body.entries[-1].sequence + 1 and entry.prev == body.head
         if not follows or not _has_effects(entry) or (intent.regenerate and entry.event != "lifecycle"):
             raise StateCorruptError("state.lifecycle", "the pending transition does not follow the log")
+        if intent.signer is not None and (entry.event != "decommission" or intent.signer not in intent.keys):
+            raise StateCorruptError("state.lifecycle", "only a decommissioning signs a statement, with a key it erases")
         try:
             check_transition(entry.from_state, entry.to_state, entry.event)
         except (TrustError, FormatError) as exc:
@@ -169,9 +188,14 @@ def read_log(device: Device) -> LogBody:
 
     A device without a log and without a ``lifecycle`` counter — made by an iSM
     before the log existed, or whose ``init`` was cut short — gets its first
-    entry now (assembly-and-test -> psa-rot-provisioning). A log one entry
-    ahead of the counter is a commit the power cut short: the counter (and
-    the command counter of that entry) moves forward.
+    entry now (assembly-and-test -> psa-rot-provisioning). The counter holds
+    the last sequence the log recorded, an intent's included (:func:`perform`
+    moves it as soon as the intent is written). A log one ahead of the
+    counter is a write the power cut short before the counter moved — a
+    commit without intent, or an intent — and the counter (and the command
+    counter of the last entry) moves forward; a log behind it is an older
+    copy. So a log from before an intent is refused once the transition may
+    have erased anything.
 
     Raises:
         StateCorruptError: ``state.lifecycle`` (tampered, malformed, chain broken, illegal
@@ -200,15 +224,16 @@ def read_log(device: Device) -> LogBody:
         _write(device, body)
         return body
     last = body.entries[-1]
-    if not counter <= last.sequence <= counter + 1:
+    top = body.pending.entry.sequence if body.pending is not None else last.sequence
+    if not counter <= top <= counter + 1:
         raise StateCorruptError(
             "state.lifecycle-rollback",
             "the lifecycle log does not match its anti-rollback counter (truncated, or an older copy)",
-            got=last.sequence,
+            got=top,
             expected=counter,
         )
-    if last.sequence == counter + 1:
-        device.advance_counter(COUNTER, last.sequence)
+    if top == counter + 1:
+        device.advance_counter(COUNTER, top)
     if last.command_sequence is not None:
         name = counter_name(last.event)
         if counters.get(name, 0) < last.command_sequence:
@@ -274,28 +299,71 @@ def perform(
     command: bytes | None = None,
     keys: tuple[str, ...] = (),
     files: tuple[str, ...] = (),
-    statement: bytes | None = None,
     regenerate: tuple[str, ...] = (),
+    signer: str | None = None,
 ) -> None:
-    """Carries out a prepared transition: intent (if it has effects), effects, commit."""
+    """Carries out a prepared transition: intent and its counter (if it has effects), effects, commit.
+
+    Args:
+        signer: a decommissioning's statement key (one of ``keys``): it signs the statement
+            (:func:`statement_for`) once every other key is destroyed, and is destroyed right after.
+    """
     if _has_effects(entry):
-        intent = Intent(entry, command, keys, files, statement, regenerate)
+        digest = None
+        if signer is not None:
+            if entry.event != "decommission" or signer not in keys:
+                raise ValueError("only a decommissioning signs a statement, with a key it erases")
+            digest = hashlib.sha256(statement_for(device, entry, keys, files).encode()).digest()
+        intent = Intent(entry, command, keys, files, digest, regenerate, signer)
         _write(device, LogBody(body.entries, intent))
+        device.advance_counter(COUNTER, entry.sequence)  # the log from before the intent is now a rollback
         _effects(device, intent)
     _commit(device, body, entry)
+
+
+def statement_for(device: Device, entry: Entry, keys: tuple[str, ...], files: tuple[str, ...]) -> Statement:
+    """The final statement of a decommissioning: this device, the entry it appends, its command, what it erases."""
+    if entry.command is None:
+        raise ValueError("a decommissioning names its command")
+    return Statement(device.instance_id, entry.time, entry.digest, entry.sequence, entry.command, keys, files)
+
+
+def _holds_statement(path: Path, payload: bytes) -> bool:
+    try:
+        msg = cose.parse(read_capped(path, MAX_LOG_SIZE), expect="sign1")
+    except (OSError, IsmError):
+        return False
+    return msg.payload == payload
+
+
+def _sign(device: Device, intent: Intent, keystore: KeyStore, signer: str) -> None:
+    """Signs and writes the statement the intent planned, unless a run before a power cut did."""
+    statement = statement_for(device, intent.entry, intent.keys, intent.files)
+    payload = statement.encode()
+    if hashlib.sha256(payload).digest() != intent.statement:
+        raise StateCorruptError("state.lifecycle", "the pending decommissioning's statement does not match its plan")
+    path = device.root / STATEMENT_FILE
+    if _holds_statement(path, payload) or not keystore.exists(signer):
+        return  # signed before the cut (the key is destroyed only after the statement is written)
+    sign = functools.partial(keystore.sign, signer)
+    atomic_write(path, sign_statement(statement, sign, keystore.public_key(signer)), device.faults)
 
 
 def _effects(device: Device, intent: Intent) -> None:
     """Every effect of a transition, each idempotent (so a cut one can simply run again)."""
     if intent.entry.event == "provision" and intent.command is not None:
         _apply_anchors(device, _decode_signed(intent.command))
-    if intent.statement is not None:
+    if intent.statement is not None and intent.signer is None:  # an intent of an older iSM: signed already
         atomic_write(device.root / STATEMENT_FILE, intent.statement, device.faults)
     if intent.keys:
         keystore = device._open_keystore()
         for key_id in intent.keys:
-            if keystore.exists(key_id):
+            if key_id != intent.signer and keystore.exists(key_id):
                 keystore.destroy(key_id)
+        if intent.signer is not None:  # every other key is gone: sign, then destroy the signer (files after)
+            _sign(device, intent, keystore, intent.signer)
+            if keystore.exists(intent.signer):
+                keystore.destroy(intent.signer)
     root = device.root.resolve()
     for name in intent.files:
         path = (device.root / name).resolve()
@@ -466,11 +534,13 @@ def apply_lifecycle_command(device: Device, data: bytes, planner: Callable[[Devi
     require_state(device.lifecycle_state, "change its lifecycle state")
     command = authorise(device, data, "lifecycle")
     to = str(command.args["state"])
-    reprovision = reprovisions(device.lifecycle_state, to)
-    reason = "re-provisioning: device keys regenerated, microservice data and keys crypto-erased"
-    body, entry = prepare(
-        device, "lifecycle", to, reason if reprovision else f"signed lifecycle command: {to}", command, data
-    )
+    body, entry = prepare(device, "lifecycle", to, f"signed lifecycle command: {to}", command, data)
+    # decided on the log prepare() just read, not on the state this Device saw when it was opened:
+    # another process may have moved the device to recoverable-psa-rot-debug since
+    reprovision = reprovisions(entry.from_state, entry.to_state)
+    if reprovision:
+        reason = "re-provisioning: device keys regenerated, microservice data and keys crypto-erased"
+        entry = dataclasses.replace(entry, reason=reason)
     if not reprovision:
         perform(device, body, entry, command=data)
         return entry

@@ -29,8 +29,11 @@ Log body (deterministic CBOR, carried in a COSE_Mac0 under the device state key)
       ? 3: { 1: entry,                 / a transition under way (intent): the entry it will append /
              2: bstr / null,           / the signed command that authorised it /
              3: { "keys": [* tstr], "files": [* tstr],     / what it erases /
-                  ? "regenerate": [+ tstr] },         / the device keys generated afresh (re-provisioning) /
-             4: bstr / null } }        / the decommission statement, signed before anything is erased /
+                  ? "regenerate": [+ tstr],           / the device keys generated afresh (re-provisioning) /
+                  ? "sign": [tstr] },                 / the key that signs the decommission statement /
+             4: bstr / null } }        / with "sign": SHA-256 of the statement's payload (the statement is
+                                         signed only once the intent's counter has moved and every other
+                                         key is destroyed); without: a statement signed by an older iSM /
 
     entry = { 1: uint (sequence), 2: tstr (event), 3: tstr (from), 4: tstr (to), 5: tstr (reason),
               6: uint (time, Unix seconds), 7: bstr .size 32 (digest of the previous entry),
@@ -259,11 +262,16 @@ class Intent:
     statement: bytes | None = None
     #: key ids destroyed (they are in ``keys``) and then generated afresh: re-provisioning
     regenerate: tuple[str, ...] = ()
+    #: the key (in ``keys``) that signs the decommission statement before it is destroyed; with it,
+    #: ``statement`` is the SHA-256 of the statement's payload, never the signed statement itself
+    signer: str | None = None
 
     def encode(self) -> dict[int, Any]:
         plan: dict[str, list[str]] = {"keys": list(self.keys), "files": list(self.files)}
         if self.regenerate:  # only then: an older intent encodes as it did
             plan["regenerate"] = list(self.regenerate)
+        if self.signer is not None:
+            plan["sign"] = [self.signer]
         return {1: self.entry.encode(), 2: self.command, 3: plan, 4: self.statement}
 
     @classmethod
@@ -273,7 +281,7 @@ class Intent:
         plan = raw[3]
         if (
             not isinstance(plan, dict)
-            or not {"keys", "files"} <= set(plan) <= {"keys", "files", "regenerate"}
+            or not {"keys", "files"} <= set(plan) <= {"keys", "files", "regenerate", "sign"}
             or not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in plan.values())
         ):
             raise _corrupt("a pending transition's plan lists key ids and files")
@@ -283,7 +291,18 @@ class Intent:
         regenerate = tuple(plan.get("regenerate", ()))
         if "regenerate" in plan and not regenerate:
             raise _corrupt("a pending transition's regenerate list is absent or not empty")
-        return cls(Entry.decode(raw[1]), raw[2], tuple(plan["keys"]), tuple(plan["files"]), raw[4], regenerate)
+        signer = plan.get("sign")
+        if signer is not None and (len(signer) != 1 or not isinstance(raw[4], bytes) or len(raw[4]) != 32):
+            raise _corrupt("a pending transition's statement signer is one key id, with the statement's digest")
+        return cls(
+            Entry.decode(raw[1]),
+            raw[2],
+            tuple(plan["keys"]),
+            tuple(plan["files"]),
+            raw[4],
+            regenerate,
+            signer[0] if signer is not None else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
