@@ -54,7 +54,7 @@ from ism.device import lifecycle
 from ism.device._atomic import TMP_SUFFIX, atomic_write
 from ism.device.commands import authorise
 from ism.device.lifecycle import LOG_FILE, STATEMENT_FILE, perform, prepare, stored_key_ids
-from ism.device.virtual import POLICY_KEY_ID, Device
+from ism.device.virtual import POLICY_KEY_ID, STATE_KEY_ID, Device
 from ism.errors import IsmError
 from ism.formats.lifecycle import Entry
 from ism.formats.lifecycle import require as require_state
@@ -83,11 +83,15 @@ STORAGE_FILES: Final = (
     f"{STORAGE_DB.as_posix()}-journal",
     "state/storage-root.cose",
 )
-#: what a decommissioned device keeps: its identity, its public keys, its counters, its log and its statement
+#: what a decommissioned device keeps: its identity, its public keys, its counters, its log and its statement,
+#: and what verifies them: the state MAC key (a file, or the TPM's ``device.state`` key file and the pinned
+#: primary key name; on a token, ``device.state`` is never in an erase plan)
 KEPT: Final = frozenset(
     {
         "device.json",
         "keys/state.key",
+        f"keys/tpm/{STATE_KEY_ID}.tpmkey",
+        "keys/tpm/primary.name",
         "keys/device.pub.pem",
         "keys/iak.pub.pem",
         "state/rollback.cose",

@@ -31,7 +31,7 @@ from _cli import ism_ok
 from ism.crypto.attestation import verify_token
 from ism.crypto.keys import load_public, pem_from_der, read_public_pem
 from ism.crypto.statement import verify_statement
-from ism.device.virtual import POLICY_KEY_ID, Device
+from ism.device.virtual import POLICY_KEY_ID, STATE_KEY_ID, Device
 from ism.errors import TrustError
 from ism.runtime import Runtime, open_storage
 from ism.services.attestation import IAK_ID
@@ -81,6 +81,7 @@ def test_reset_and_decommission_on_a_tpm(tpm_token: Path, tmp_path: Path) -> Non
         assert info.value.rule == "lifecycle.decommissioned"
         raw = dev._open_keystore()  # what is left in the TPM for this device: nothing
         assert not any(raw.exists(k) for k in (IAK_ID, POLICY_KEY_ID, key, "device.identity-ca", "device.storage"))
+        assert raw.exists(STATE_KEY_ID)  # but the state MAC key: the device still verifies its own log
 
 
 # -- two devices on one PKCS#11 token ---------------------------------------------------------------
@@ -178,6 +179,7 @@ def test_decommission_on_a_shared_pkcs11_token(pkcs11_pair: tuple[Path, Path]) -
         assert info.value.rule == "lifecycle.decommissioned"
         raw = dev._open_keystore()  # what is left on the token for this device: nothing
         assert not any(raw.exists(k) for k in DEVICE_KEYS)
+        assert raw.exists(STATE_KEY_ID)  # but the state MAC key: the device still verifies its own log
     assert works(b) == before_b  # every key of the other device, under the same ids, is still there
     with Device(b) as dev:
         assert all(dev.keystore().exists(k) for k in DEVICE_KEYS)

@@ -133,10 +133,13 @@ def test_devices_on_one_token_have_their_own_keys(softhsm: SoftHsm, tmp_path: Pa
 
 def test_a_device_json_without_a_namespace_keeps_the_bare_labels(softhsm: SoftHsm, tmp_path: Path) -> None:
     root = tmp_path / "old"
-    Device.init(root, keystore=token_config(softhsm, tmp_path)).close()
+    with Device.init(root, keystore=token_config(softhsm, tmp_path)) as dev:
+        state_key = dev.state_mac_key
     config = json.loads((root / "device.json").read_text())
     del config["pkcs11"]["namespace"]  # as written before namespaces
+    del config["state_key"]  # ... and before the state MAC key moved into the token: it is keys/state.key
     (root / "device.json").write_text(json.dumps(config))
+    (root / "keys" / "state.key").write_bytes(state_key)
     key_id = f"old-{os.urandom(6).hex()}"
     with Device(root) as dev, Pkcs11KeyStore(softhsm.module, softhsm.label, softhsm.pin) as bare:
         store = dev.keystore()
@@ -154,6 +157,6 @@ def test_a_bad_namespace_in_device_json_is_refused(softhsm: SoftHsm, tmp_path: P
     config = json.loads((root / "device.json").read_text())
     config["pkcs11"]["namespace"] = "../other"
     (root / "device.json").write_text(json.dumps(config))
-    with Device(root) as dev, pytest.raises(UsageError) as info:
-        dev.keystore()
+    with pytest.raises(UsageError) as info:
+        Device(root)  # the state MAC key is computed in the token: the device does not even open
     assert info.value.rule == "keystore.namespace"

