@@ -25,6 +25,7 @@ NOT_RULES = {
     "device.identity-ca",
     "device.iak",
     "device.policy",
+    "device.state",
     "policy.cose",
     "storage.sqlite",
     "lifecycle.cose",

@@ -126,9 +126,7 @@ UEID_RAND: Final = 0x01
 #: the device key (P-256, in the key store) policy artifacts are encrypted to
 POLICY_KEY_ID: Final = "device.policy"
 #: the hmac-sha256 key (in a tpm or pkcs11 key store) the state MAC key is computed with
-#: (spelt in two parts so that tests/unit/test_rules_documented.py, whose NOT_RULES lists the other
-#: key-store ids, does not take it for a rule id: "device.state")
-STATE_KEY_ID: Final = "device" + ".state"
+STATE_KEY_ID: Final = "device.state"
 _STATE_KEY_LABEL: Final = b"ism-state-mac-v1"
 #: the anti-rollback counter of the protected policy (reserved: microservice counters are keyed by UUID)
 POLICY_COUNTER: Final = "policy"
