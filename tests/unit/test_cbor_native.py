@@ -9,7 +9,7 @@ their mutations (bit flips, truncations, changed length fields, inserted and
 dropped bytes), deep and wide structures, under assorted limits.
 
 ``ISM_CBOR_FUZZ_EXAMPLES`` raises the number of examples per property (the
-committed default keeps CI fast); under ``CI=true`` a missing extension fails.
+committed default keeps CI fast); a missing extension fails them (no skip).
 """
 
 from __future__ import annotations
@@ -26,26 +26,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ism.errors import FormatError
+
+# No skip: without the extension these tests fail (``make test`` builds it with ``pip install -e .``).
+from ism.formats import _cbor_native as native
 from ism.formats import cbor
 from ism.formats.cbor import UNDEFINED, Limits, Tag
-
-try:
-    from ism.formats import _cbor_native as native
-except ImportError:  # pragma: no cover - only without a C compiler
-    native = None  # type: ignore[assignment]
 
 EXAMPLES = int(os.environ.get("ISM_CBOR_FUZZ_EXAMPLES", "400"))
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=EXAMPLES)
 
-needs_native = pytest.mark.skipif(native is None, reason="the native CBOR decoder is not built")
-
 
 def test_native_decoder_is_built() -> None:
     """CI must never run the slow path silently: the extension is part of the build."""
-    if native is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("ism.formats._cbor_native is not importable (CI=true): was it built by `pip install -e .`?")
-        pytest.skip("the native CBOR decoder is not built (no C compiler at install)")
     assert cbor._native is native
 
 
@@ -289,21 +281,18 @@ HEAD_BYTES = sorted(
 # -- properties -----------------------------------------------------------------------------------
 
 
-@needs_native
 @FUZZ
 @given(st.binary(max_size=48), limits)
 def test_random_bytes(data: bytes, lim: Limits) -> None:
     check(data, lim)
 
 
-@needs_native
 @FUZZ
 @given(st.lists(st.sampled_from(HEAD_BYTES), max_size=40).map(bytes), limits)
 def test_random_heads(data: bytes, lim: Limits) -> None:
     check(data, lim)
 
 
-@needs_native
 @FUZZ
 @given(values, both_indefinite)
 def test_valid_encodings(value: Any, lim: Limits) -> None:
@@ -312,7 +301,6 @@ def test_valid_encodings(value: Any, lim: Limits) -> None:
     assert _same(cbor.loads(data), cbor._loads_python(data))
 
 
-@needs_native
 @FUZZ
 @given(encodings(), limits)
 def test_indefinite_and_long_heads(data: bytes, lim: Limits) -> None:
@@ -321,7 +309,6 @@ def test_indefinite_and_long_heads(data: bytes, lim: Limits) -> None:
     check(data, Limits(allow_indefinite=False))
 
 
-@needs_native
 @FUZZ
 @given(mutated(), limits)
 def test_mutated_encodings(data: bytes, lim: Limits) -> None:
@@ -329,7 +316,6 @@ def test_mutated_encodings(data: bytes, lim: Limits) -> None:
     check(data, Limits(allow_indefinite=True))
 
 
-@needs_native
 @FUZZ
 @given(maps_with_repeated_keys(), st.booleans())
 def test_map_keys(data: bytes, allow: bool) -> None:
@@ -338,7 +324,6 @@ def test_map_keys(data: bytes, allow: bool) -> None:
     check(b"\xa1" + data + b"\x00", Limits(allow_indefinite=allow))  # the map itself as a key
 
 
-@needs_native
 @FUZZ
 @given(
     st.integers(0, 400),
@@ -358,7 +343,6 @@ def test_deep(depth: int, wrap: bytes, leaf: bytes, lim: Limits) -> None:
     check(data, Limits(max_depth=10**9, allow_indefinite=True))
 
 
-@needs_native
 @FUZZ
 @given(st.integers(0, 3000), st.sampled_from([0, 1, 2, 4, 8]), st.sampled_from([4, 5]), limits)
 def test_wide(n: int, size: int, major: int, lim: Limits) -> None:
@@ -368,7 +352,6 @@ def test_wide(n: int, size: int, major: int, lim: Limits) -> None:
     check(bytes([(major << 5) | 31]) + body + b"\xff", lim)
 
 
-@needs_native
 @pytest.mark.parametrize(
     "hexdata",
     [
@@ -418,7 +401,6 @@ def test_edge_cases(hexdata: str, allow: bool) -> None:
     check(bytes.fromhex(hexdata), Limits(allow_indefinite=allow))
 
 
-@needs_native
 def test_values_are_the_module_types() -> None:
     assert native is not None
     assert native.loads(b"\xf7", 1, 1, False) is UNDEFINED
@@ -431,7 +413,6 @@ def test_values_are_the_module_types() -> None:
         native.loads(bytearray(b"\x00"), 1, 1, False)  # type: ignore[arg-type]
 
 
-@needs_native
 def test_no_leak_on_any_path() -> None:
     """Every accept and refuse path returns what it allocated (a reference leak grows the heap)."""
     assert native is not None
