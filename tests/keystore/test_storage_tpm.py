@@ -12,7 +12,6 @@ value the counter has, so every run starts from a freshly prepared storage
 from __future__ import annotations
 
 import gc
-import os
 import secrets
 import shutil
 import uuid
@@ -23,9 +22,9 @@ from typing import Any
 import pytest
 from _swtpm import Swtpm
 
+from _storage import StorageEnv
 from ism.cli.main import main
 from ism.crypto import cose
-from ism.crypto.keystore.software import SoftwareKeyStore
 from ism.crypto.keystore.tpm import TpmCounter, TpmKeyStore
 from ism.device._atomic import Faults, PowerCut
 from ism.device.virtual import Device
@@ -38,7 +37,6 @@ A = uuid.UUID("6a1e2c3d-0000-4000-8000-00000000000a")
 B = uuid.UUID("6a1e2c3d-0000-4000-8000-00000000000b")
 C = uuid.UUID("6a1e2c3d-0000-4000-8000-00000000000c")
 OWNERS = (A, B, C)
-ROOT_KEY_ID = "storage-root"
 
 
 def expect(exc_type: type[IsmError], rule: str) -> Any:
@@ -152,45 +150,9 @@ def test_erase_then_a_replayed_directory(tpm_root: Path, tmp_path: Path) -> None
 # -- the storage on one NV counter: every power cut --------------------------------------------------
 
 
-class DirKeyFiles:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def read(self, name: str) -> bytes | None:
-        path = self.root / name
-        return path.read_bytes() if path.exists() else None
-
-    def write(self, name: str, data: bytes) -> None:
-        (self.root / name).write_bytes(data)
-
-    def remove(self, name: str) -> None:
-        (self.root / name).unlink(missing_ok=True)
-
-
-class Env:
+def bound_env(path: Path, counter: TpmCounter) -> StorageEnv:
     """A storage directory (software key store) whose root is bound to ``counter``."""
-
-    def __init__(self, path: Path, counter: TpmCounter) -> None:
-        self.path, self.counter = path, counter
-        path.mkdir(parents=True)
-        (path / "keystore-root.key").write_bytes(os.urandom(32))
-        (path / "state.key").write_bytes(os.urandom(32))
-        self.keystore().generate(ROOT_KEY_ID, "hmac-sha256")
-
-    def keystore(self) -> SoftwareKeyStore:
-        return SoftwareKeyStore(DirKeyFiles(self.path / "keys"), (self.path / "keystore-root.key").read_bytes())
-
-    def open(self, faults: Faults | None = None, counter: bool = True) -> SecureStorage:
-        return SecureStorage(
-            self.path / "storage.sqlite",
-            self.path / "storage.cose",
-            self.keystore(),
-            ROOT_KEY_ID,
-            (self.path / "state.key").read_bytes(),
-            faults,
-            self.counter if counter else None,
-        )
+    return StorageEnv(path, counter).create()
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +166,12 @@ def counter(swtpm: Swtpm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 State = dict[tuple[str, int], tuple[bytes, int]]
 
 
-def read_all(env: Env, faults: Faults | None = None) -> State:
+def read_all(env: StorageEnv, faults: Faults | None = None) -> State:
     with env.open(faults) as st:
         return {(str(o), uid): (st.get(o, uid), st.get_info(o, uid).flags) for o in OWNERS for uid in st.uids(o)}
 
 
-def prepare(env: Env) -> None:
+def prepare(env: StorageEnv) -> None:
     with env.open() as st:
         st.set(A, 1, b"old value")
         st.set(A, 2, b"write once", flags=WRITE_ONCE)
@@ -237,8 +199,8 @@ NEW: dict[str, State] = {
 }
 
 
-def run_op(op: Callable[[SecureStorage], None]) -> Callable[[Env, Faults], None]:
-    def run(env: Env, faults: Faults) -> None:
+def run_op(op: Callable[[SecureStorage], None]) -> Callable[[StorageEnv, Faults], None]:
+    def run(env: StorageEnv, faults: Faults) -> None:
         with env.open(faults) as st:
             op(st)
 
@@ -249,7 +211,7 @@ def run_op(op: Callable[[SecureStorage], None]) -> Callable[[Env, Faults], None]
 def test_power_cut_at_every_point_with_a_counter(tmp_path: Path, counter: TpmCounter, operation: str) -> None:
     op = OPERATIONS[operation]
     run = run_op(op)
-    dry = Env(tmp_path / "dry", counter)
+    dry = bound_env(tmp_path / "dry", counter)
     prepare(dry)
     faults = Faults()  # counted as the runs below go: the open (which settles prepare's last root), then op
     with dry.open(faults) as st:
@@ -268,7 +230,7 @@ def test_power_cut_at_every_point_with_a_counter(tmp_path: Path, counter: TpmCou
         recovery = 1
         m = 0
         while m < recovery:  # m = 0: recover without a fault; then a second cut at each recovery point
-            env = Env(tmp_path / f"cut-{n}-{m}", counter)
+            env = bound_env(tmp_path / f"cut-{n}-{m}", counter)
             prepare(env)
             with pytest.raises(PowerCut):  # the open settles the root left by prepare(): its points count too
                 run(env, Faults(cut_at=n))
@@ -295,7 +257,7 @@ def test_power_cut_at_every_point_with_a_counter(tmp_path: Path, counter: TpmCou
 
 
 def test_an_older_root_with_its_database_is_refused(tmp_path: Path, counter: TpmCounter) -> None:
-    env = Env(tmp_path / "env", counter)
+    env = bound_env(tmp_path / "env", counter)
     with env.open() as st:
         st.set(A, 1, b"v1")
     saved = tmp_path / "saved"
@@ -309,7 +271,7 @@ def test_an_older_root_with_its_database_is_refused(tmp_path: Path, counter: Tpm
 
 
 def test_the_counter_moved_by_someone_else(tmp_path: Path, counter: TpmCounter) -> None:
-    env = Env(tmp_path / "env", counter)
+    env = bound_env(tmp_path / "env", counter)
     with env.open() as st:
         st.set(A, 1, b"v1")
         counter.increment()  # under the running storage: its next write binds the root where the counter is
@@ -321,12 +283,12 @@ def test_the_counter_moved_by_someone_else(tmp_path: Path, counter: TpmCounter) 
 
 
 def test_bound_and_unbound_roots_are_not_interchangeable(tmp_path: Path, counter: TpmCounter) -> None:
-    bound = Env(tmp_path / "bound", counter)
+    bound = bound_env(tmp_path / "bound", counter)
     with bound.open() as st:
         st.set(A, 1, b"bound")
     with expect(StateCorruptError, "storage.root"):
         bound.open(counter=False)  # a counter-bound root opened without its counter
-    unbound = Env(tmp_path / "unbound", counter)
+    unbound = bound_env(tmp_path / "unbound", counter)
     with unbound.open(counter=False) as st:
         st.set(A, 1, b"unbound")
     with expect(StateCorruptError, "storage.rollback-replay"):
@@ -337,7 +299,7 @@ def test_bound_and_unbound_roots_are_not_interchangeable(tmp_path: Path, counter
 
 def test_a_format_1_root_is_not_migrated_on_a_counter(tmp_path: Path, counter: TpmCounter) -> None:
     """A root from before the binding would let any copy from before the upgrade come back: refused."""
-    env = Env(tmp_path / "env", counter)
+    env = bound_env(tmp_path / "env", counter)
     state_key = (env.path / "state.key").read_bytes()
     body = {1: 1, 2: 0, 3: {1: bytes(32), 2: {}}, 4: None, 5: []}
     (env.path / "storage.cose").write_bytes(cose.mac0(cbor.dumps(body), state_key, aad=b"ism-storage-root-v1"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import random
 import shutil
 import sqlite3
@@ -22,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from _storage import ROOT_KEY_ID, StorageEnv
 from ism.crypto import cose
-from ism.crypto.keystore.software import SoftwareKeyStore
 from ism.device._atomic import Faults, PowerCut
 from ism.errors import IsmError, PlatformError, SignatureError, StateCorruptError, UsageError
 from ism.formats import cbor
@@ -40,51 +39,16 @@ A = uuid.UUID("6a1e2c3d-0000-4000-8000-00000000000a")
 B = uuid.UUID("6a1e2c3d-0000-4000-8000-00000000000b")
 C = uuid.UUID("6a1e2c3d-0000-4000-8000-00000000000c")
 OWNERS = (A, B, C)
-ROOT_KEY_ID = "storage-root"
 
 
-class DirKeyFiles:
-    """Sealed key blobs, one file each (what the device supplies to the software key store)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def read(self, name: str) -> bytes | None:
-        path = self.root / name
-        return path.read_bytes() if path.exists() else None
-
-    def write(self, name: str, data: bytes) -> None:
-        (self.root / name).write_bytes(data)
-
-    def remove(self, name: str) -> None:
-        (self.root / name).unlink(missing_ok=True)
-
-
-class Env:
-    """One storage directory: database, root, state MAC key, key store."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.db = path / "storage.sqlite"
-        self.root = path / "storage.cose"
-        self.keys = path / "keys"
+class Env(StorageEnv):
+    """One storage directory (see ``_storage.StorageEnv``) and an attacker's tools on it."""
 
     @classmethod
-    def create(cls, path: Path) -> Env:
-        path.mkdir(parents=True)
+    def create_at(cls, path: Path) -> Env:
         env = cls(path)
-        (path / "keystore-root.key").write_bytes(os.urandom(32))
-        (path / "state.key").write_bytes(os.urandom(32))
-        env.keystore().generate(ROOT_KEY_ID, "hmac-sha256")
+        env.create()
         return env
-
-    def keystore(self) -> SoftwareKeyStore:
-        return SoftwareKeyStore(DirKeyFiles(self.keys), (self.path / "keystore-root.key").read_bytes())
-
-    def open(self, faults: Faults | None = None) -> SecureStorage:
-        state_key = (self.path / "state.key").read_bytes()
-        return SecureStorage(self.db, self.root, self.keystore(), ROOT_KEY_ID, state_key, faults)
 
     def copy(self, dest: Path) -> Env:
         shutil.copytree(self.path, dest)
@@ -116,7 +80,7 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
-    return Env.create(tmp_path / "env")
+    return Env.create_at(tmp_path / "env")
 
 
 @pytest.fixture
@@ -511,7 +475,7 @@ def test_root_is_checked(env: Env, tmp_path: Path) -> None:
     with env.open() as st:
         assert st.get(A, 1) == b"data"
     # A root from another device (other state key) does not verify.
-    other = Env.create(tmp_path / "other")
+    other = Env.create_at(tmp_path / "other")
     with other.open() as st:
         st.set(A, 1, b"data")
     env.restore_files(other.path, env.root.name)
@@ -769,7 +733,7 @@ def sweep(tmp_path: Path, prepare: Callable[[Env], None], op: Callable[[SecureSt
     """Cuts the power at every fault point of ``op`` on a prepared storage, and at every point of the
     recovery after each cut; every outcome is the old or the new state and the storage stays usable.
     Returns the fault points of an uninterrupted ``op``."""
-    template = Env.create(tmp_path / "template")
+    template = Env.create_at(tmp_path / "template")
     prepare(template)
     old = read_all(template)
     pre_op = snapshot(template, "template-files")
@@ -837,7 +801,7 @@ def test_power_cut_while_the_root_grows(tmp_path: Path) -> None:
     """Every namespace's erase nonce is in the root: the write whose root outgrows its slot rewrites the
     file with bigger slots (a temporary file, renamed), carrying the anchor root over."""
     owners = [uuid.UUID(int=0x6A1E2C3D_0000_4000_8000_000000010000 + i) for i in range(200)]
-    probe = Env.create(tmp_path / "probe")
+    probe = Env.create_at(tmp_path / "probe")
     with probe.open() as st:
         for grows, owner in enumerate(owners):  # noqa: B007 (grows is used after the loop)
             st.set(owner, 1, b"x")
@@ -878,7 +842,7 @@ def test_failed_write_leaves_storage_consistent(env: Env, monkeypatch: pytest.Mo
 def test_power_cut_in_the_write_after_a_failed_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a failed write its pending root is useless; the next write overwrites it, never the settled
     root, so a power cut anywhere in that next write (and in the recovery after it) leaves old or new."""
-    template = Env.create(tmp_path / "template")
+    template = Env.create_at(tmp_path / "template")
     with template.open() as st:
         st.set(A, 1, b"before")
     old, new = {(str(A), 1): (b"before", 0)}, {(str(A), 1): (b"after", 0)}
