@@ -1,11 +1,10 @@
 """CBOR claims-sets: the fast claims decoder against the checked one, and the cached token encodings.
 
 ``psa.decode_claims`` first tries ``_decode_fast``, which checks the claims-set against its
-profile's schema (``ism.formats.cbor_schema``; natively when the extension is built), makes the
-checks a schema cannot state, builds the objects without re-checking them, and falls back to
-``_decode_checked`` (the reference, which names the broken rule) at the first thing it does not
-accept. Every case runs the fast path with the native and with the pure-Python schema checker, and
-the two checkers must name the same broken rule. These tests mutate valid
+profile's schema (``ism.formats.cbor_schema``; natively when the extension is built) and builds the
+objects in the same pass, and falls back to ``_decode_checked`` (the reference, which names the
+broken rule) at the first thing it does not accept. Every case runs the fast path with the native
+and with the pure-Python schema interpreter, and the two must name the same broken rule. These tests mutate valid
 claims-sets one claim at a time, and a few at a time, over every claim of both profiles, every
 field of a software component and of a submodule: values of every type and of every size and
 range edge, nulls, removals and unknown claims. Wherever the checked decoder refuses, the fast one

@@ -617,39 +617,60 @@ native_configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* ---- the schema checker -------------------------------------------------------------------------
+/* ---- the schema checker and builder ------------------------------------------------------------
  *
  * check(value, schema): whether an already decoded value conforms to a table of rules — types,
- * sizes, ranges, enumerations, presence of map keys, no unknown keys — built once by schema(tree)
- * from the tuple tree ism.formats.cbor_schema compiles (that module's pure-Python checker is the
- * reference, interpreting the same tree). It returns None, or the index of the rule the value
- * breaks (the first one in the traversal order both implementations share); it never explains a
- * failure: the caller re-runs its own checked decoder, which raises the error.
+ * sizes, ranges, enumerations, patterns, presence of map keys, no unknown keys, map keys tied to
+ * their values, unique values — built once by schema(tree) from the tuple tree
+ * ism.formats.cbor_schema compiles (that module's pure-Python checker is the reference,
+ * interpreting the same tree). It returns None, or the index of the rule the value breaks (the
+ * first one in the traversal order both implementations share); it never explains a failure: the
+ * caller re-runs its own checked decoder, which raises the error.
+ *
+ * build(value, schema): the same check, and in the same pass the objects the tree's records make
+ * (instances of slotted classes, every slot set through its member descriptor, no __init__); None
+ * if the value does not conform. What a node builds is stated in ism.formats.cbor_schema.
  *
  * Tree nodes (index = the rule's pre-order number):
- *   (index, 1 BYTES,  min, max, sizes)        exact bytes, min <= len <= max, len in sizes if any
- *   (index, 2 TEXT,   min, max, one_of)       exact str, min <= code points <= max, in one_of if a frozenset
- *   (index, 3 INT,    ranges)                 exact int (not bool) within one of the (lo, hi) ranges
- *   (index, 4 ARRAY,  min, max, item)         exact list, min <= len <= max, every item
- *   (index, 5 RECORD, fields)                 exact dict, no key but the fields' keys; per field
- *                                             (key, required, nullable, rule): missing and required,
- *                                             or present (not None when nullable) and breaking rule
- *   (index, 6 MAPOF,  min, max, key, value)   exact dict, min <= len <= max, every key and value
+ *   (index, 1 BYTES,  min, max, sizes, prefix)   exact bytes, min <= len <= max, len in sizes if
+ *                                                any, starting with prefix
+ *   (index, 2 TEXT,   min, max, one_of, pattern) exact str, min <= code points <= max, in one_of if
+ *                                                a frozenset, pattern.fullmatch if a pattern
+ *   (index, 3 INT,    ranges)                    exact int (not bool) within one of the (lo, hi)
+ *   (index, 4 ARRAY,  min, max, item)            exact list, min <= len <= max, every item
+ *   (index, 5 RECORD, fields, make)              exact dict, no key but the fields' keys; per field
+ *                                                (key, required, nullable, rule): missing and
+ *                                                required, or present (not None when nullable) and
+ *                                                breaking rule; make: None or (cls, slots), a slot
+ *                                                (descriptor, (0, field, default) | (1, constant) |
+ *                                                (2, make))
+ *   (index, 6 MAPOF,  min, max, key, value, key_is, unique)
+ *                                                exact dict, min <= len <= max, every key and value;
+ *                                                key_is/unique: -1, or the index of a required field
+ *                                                of the value record that must equal the entry's key
+ *                                                / must differ between entries
  *
  * Order: a node's own checks first (type, size, unknown keys), then its children in order (record
  * fields in schema order, list items and map entries in their order; a map entry's key before its
- * value). Values are only read: borrowed items are held while they are checked.
+ * value, then its key_is, then its unique). Values are only read: borrowed items are held while
+ * they are checked.
+ *
+ * A pattern's accepted strings are remembered (up to MEMO_MAX per rule, then forgotten at once):
+ * fullmatch is a pure function of the string, and a fleet's tokens repeat the same names.
  */
 
 enum { RULE_BYTES = 1, RULE_TEXT, RULE_INT, RULE_ARRAY, RULE_RECORD, RULE_MAPOF };
+enum { SOURCE_GET = 0, SOURCE_CONST, SOURCE_MAKE };
 #define SCHEMA_MAX_DEPTH 64
 #define SCHEMA_MAX_FIELDS 64
+#define MEMO_MAX 256
 #define SCHEMA_CAPSULE "ism.formats._cbor_native.schema"
 /* check_rule results besides a rule index: */
 #define CHECK_OK (-1)
 #define CHECK_ERROR (-2)
 
 typedef struct Rule Rule;
+typedef struct Make Make;
 
 typedef struct {
     PyObject *lo, *hi;   /* inclusive bounds (Python ints) */
@@ -664,20 +685,56 @@ typedef struct {
     Rule *rule;
 } Field;
 
+typedef struct {
+    PyObject *descr;     /* the slot's member descriptor */
+    int kind;            /* SOURCE_* */
+    Py_ssize_t field;    /* GET: the record's field */
+    PyObject *value;     /* GET: the default; CONST: the constant */
+    Make *make;          /* MAKE: an object built from the same record */
+} Slot;
+
+struct Make {
+    PyTypeObject *cls;
+    Py_ssize_t nslots;
+    Slot *slots;
+};
+
 struct Rule {
     Py_ssize_t index;
     int kind;
     Py_ssize_t min, max;
     Py_ssize_t nsizes;
     Py_ssize_t *sizes;
-    PyObject *one_of;  /* TEXT: a frozenset, or NULL */
+    PyObject *prefix;    /* BYTES: a non-empty bytes, or NULL */
+    PyObject *one_of;    /* TEXT: a frozenset, or NULL */
+    PyObject *fullmatch; /* TEXT: the pattern's bound fullmatch, or NULL */
+    PyObject *memo;      /* TEXT: the strings fullmatch accepted (a set), with fullmatch */
     Py_ssize_t nranges;
     Range *ranges;
-    Rule *item;        /* ARRAY: the items; MAPOF: the keys */
-    Rule *value;       /* MAPOF: the values */
+    Rule *item;          /* ARRAY: the items; MAPOF: the keys */
+    Rule *value;         /* MAPOF: the values */
+    Py_ssize_t key_is;   /* MAPOF: a field of the value record, or -1 */
+    Py_ssize_t unique;   /* MAPOF: a field of the value record, or -1 */
     Py_ssize_t nfields;
     Field *fields;
+    Make *make;          /* RECORD: what it builds, or NULL */
 };
+
+static void
+make_free(Make *m)
+{
+    if (m == NULL) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < m->nslots; i++) {
+        Py_XDECREF(m->slots[i].descr);
+        Py_XDECREF(m->slots[i].value);
+        make_free(m->slots[i].make);
+    }
+    PyMem_Free(m->slots);
+    Py_XDECREF((PyObject *)m->cls);
+    PyMem_Free(m);
+}
 
 static void
 rule_free(Rule *r)
@@ -686,7 +743,10 @@ rule_free(Rule *r)
         return;
     }
     PyMem_Free(r->sizes);
+    Py_XDECREF(r->prefix);
     Py_XDECREF(r->one_of);
+    Py_XDECREF(r->fullmatch);
+    Py_XDECREF(r->memo);
     for (Py_ssize_t i = 0; i < r->nranges; i++) {
         Py_XDECREF(r->ranges[i].lo);
         Py_XDECREF(r->ranges[i].hi);
@@ -699,6 +759,7 @@ rule_free(Rule *r)
         rule_free(r->fields[i].rule);
     }
     PyMem_Free(r->fields);
+    make_free(r->make);
     PyMem_Free(r);
 }
 
@@ -836,10 +897,121 @@ compile_fields(Rule *r, PyObject *fields, int depth)
     return 0;
 }
 
+/* (cls, ((descriptor, source), ...)) for a record of nfields fields. */
+static Make *
+compile_make(PyObject *node, Py_ssize_t nfields, int depth)
+{
+    PyObject *cls, *slots;
+    Make *m;
+
+    if (depth > SCHEMA_MAX_DEPTH) {
+        bad_tree("nested too deep");
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(node) || PyTuple_GET_SIZE(node) != 2 || !PyType_Check(PyTuple_GET_ITEM(node, 0))
+        || !PyTuple_CheckExact(PyTuple_GET_ITEM(node, 1))) {
+        bad_tree("a make is not (class, slots)");
+        return NULL;
+    }
+    cls = PyTuple_GET_ITEM(node, 0);
+    slots = PyTuple_GET_ITEM(node, 1);
+    if (((PyTypeObject *)cls)->tp_alloc == NULL) {
+        bad_tree("a make's class cannot be allocated");
+        return NULL;
+    }
+    m = PyMem_Calloc(1, sizeof(Make));
+    if (m == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    m->cls = (PyTypeObject *)Py_NewRef(cls);
+    m->slots = PyMem_Calloc(PyTuple_GET_SIZE(slots) ? (size_t)PyTuple_GET_SIZE(slots) : 1, sizeof(Slot));
+    if (m->slots == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i++) {
+        PyObject *entry = PyTuple_GET_ITEM(slots, i), *descr, *source;
+        Slot *s = &m->slots[i];
+        long kind;
+
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) {
+            bad_tree("a slot is not (descriptor, source)");
+            goto error;
+        }
+        descr = PyTuple_GET_ITEM(entry, 0);
+        source = PyTuple_GET_ITEM(entry, 1);
+        /* A member descriptor of this class (or a base): anything else could run code when set. */
+        if (!Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            || !PyType_IsSubtype(m->cls, PyDescr_TYPE((PyDescrObject *)descr))) {
+            bad_tree("a slot is not a member descriptor of the class");
+            goto error;
+        }
+        if (!PyTuple_CheckExact(source) || PyTuple_GET_SIZE(source) < 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(source, 0))) {
+            bad_tree("a slot source is not a tuple (kind, ...)");
+            goto error;
+        }
+        s->descr = Py_NewRef(descr);
+        m->nslots = i + 1;
+        kind = PyLong_AsLong(PyTuple_GET_ITEM(source, 0));
+        if (kind == SOURCE_GET && PyTuple_GET_SIZE(source) == 3) {
+            s->field = tree_size(PyTuple_GET_ITEM(source, 1));
+            if (s->field < 0) {
+                goto error;
+            }
+            if (s->field >= nfields) {
+                bad_tree("a slot names a field the record does not have");
+                goto error;
+            }
+            s->value = Py_NewRef(PyTuple_GET_ITEM(source, 2));
+        }
+        else if (kind == SOURCE_CONST && PyTuple_GET_SIZE(source) == 2) {
+            s->value = Py_NewRef(PyTuple_GET_ITEM(source, 1));
+        }
+        else if (kind == SOURCE_MAKE && PyTuple_GET_SIZE(source) == 2) {
+            s->make = compile_make(PyTuple_GET_ITEM(source, 1), nfields, depth + 1);
+            if (s->make == NULL) {
+                goto error;
+            }
+        }
+        else {
+            PyErr_Clear();
+            bad_tree("unknown slot source");
+            goto error;
+        }
+        s->kind = (int)kind;
+    }
+    return m;
+error:
+    make_free(m);
+    return NULL;
+}
+
+/* -1 (none), or the index of a required, non-nullable field of the value record. */
+static int
+compile_value_field(PyObject *obj, const Rule *value, Py_ssize_t *out)
+{
+    Py_ssize_t i;
+
+    if (!PyLong_CheckExact(obj)) {
+        return bad_tree("a MAPOF field index is not an int");
+    }
+    i = PyLong_AsSsize_t(obj);
+    if (i == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (i != -1 && (value->kind != RULE_RECORD || i < 0 || i >= value->nfields || !value->fields[i].required
+                    || value->fields[i].nullable)) {
+        return bad_tree("a MAPOF field index names no required field of its value record");
+    }
+    *out = i;
+    return 0;
+}
+
 static Rule *
 compile_rule(PyObject *node, int depth)
 {
-    static const Py_ssize_t sizes_of[] = {0, 5, 5, 3, 5, 3, 6};
+    static const Py_ssize_t sizes_of[] = {0, 6, 6, 3, 5, 4, 8};
     Rule *r;
     Py_ssize_t index;
     long kind;
@@ -873,15 +1045,23 @@ compile_rule(PyObject *node, int depth)
     }
     r->index = index;
     r->kind = (int)kind;
+    r->key_is = r->unique = -1;
     switch (r->kind) {
     case RULE_BYTES: {
-        PyObject *sizes = PyTuple_GET_ITEM(node, 4);
+        PyObject *sizes = PyTuple_GET_ITEM(node, 4), *prefix = PyTuple_GET_ITEM(node, 5);
         if (compile_bounds(r, node, 2) < 0) {
             goto error;
         }
         if (!PyTuple_CheckExact(sizes)) {
             bad_tree("BYTES sizes are not a tuple");
             goto error;
+        }
+        if (!PyBytes_CheckExact(prefix)) {
+            bad_tree("BYTES prefix is not bytes");
+            goto error;
+        }
+        if (PyBytes_GET_SIZE(prefix) > 0) {
+            r->prefix = Py_NewRef(prefix);
         }
         r->sizes = PyMem_Calloc(PyTuple_GET_SIZE(sizes) ? (size_t)PyTuple_GET_SIZE(sizes) : 1, sizeof(Py_ssize_t));
         if (r->sizes == NULL) {
@@ -898,7 +1078,7 @@ compile_rule(PyObject *node, int depth)
         break;
     }
     case RULE_TEXT: {
-        PyObject *one_of = PyTuple_GET_ITEM(node, 4);
+        PyObject *one_of = PyTuple_GET_ITEM(node, 4), *pattern = PyTuple_GET_ITEM(node, 5);
         if (compile_bounds(r, node, 2) < 0) {
             goto error;
         }
@@ -908,6 +1088,18 @@ compile_rule(PyObject *node, int depth)
                 goto error;
             }
             r->one_of = Py_NewRef(one_of);
+        }
+        if (pattern != Py_None) {
+            r->fullmatch = PyObject_GetAttrString(pattern, "fullmatch");
+            if (r->fullmatch == NULL || !PyCallable_Check(r->fullmatch)) {
+                PyErr_Clear();
+                bad_tree("TEXT pattern has no fullmatch");
+                goto error;
+            }
+            r->memo = PySet_New(NULL);
+            if (r->memo == NULL) {
+                goto error;
+            }
         }
         break;
     }
@@ -929,6 +1121,12 @@ compile_rule(PyObject *node, int depth)
         if (compile_fields(r, PyTuple_GET_ITEM(node, 2), depth) < 0) {
             goto error;
         }
+        if (PyTuple_GET_ITEM(node, 3) != Py_None) {
+            r->make = compile_make(PyTuple_GET_ITEM(node, 3), r->nfields, depth + 1);
+            if (r->make == NULL) {
+                goto error;
+            }
+        }
         break;
     default: /* RULE_MAPOF */
         if (compile_bounds(r, node, 2) < 0) {
@@ -942,6 +1140,10 @@ compile_rule(PyObject *node, int depth)
         if (r->value == NULL) {
             goto error;
         }
+        if (compile_value_field(PyTuple_GET_ITEM(node, 6), r->value, &r->key_is) < 0
+            || compile_value_field(PyTuple_GET_ITEM(node, 7), r->value, &r->unique) < 0) {
+            goto error;
+        }
         break;
     }
     return r;
@@ -950,7 +1152,7 @@ error:
     return NULL;
 }
 
-static Py_ssize_t check_rule(const Rule *r, PyObject *v);
+static Py_ssize_t walk(const Rule *r, PyObject *v, PyObject **out);
 
 /* An exact int within one of the rule's ranges: 1 yes, 0 no, -1 error. */
 static int
@@ -987,10 +1189,74 @@ int_in_ranges(const Rule *r, PyObject *v)
     return 0;
 }
 
+/* A str the rule's pattern fully matches: 1 yes, 0 no, -1 error. */
+static int
+text_matches(const Rule *r, PyObject *v)
+{
+    PyObject *match;
+    int known = PySet_Contains(r->memo, v);
+
+    if (known != 0) {
+        return known;
+    }
+    match = PyObject_CallOneArg(r->fullmatch, v);
+    if (match == NULL) {
+        return -1;
+    }
+    if (match == Py_None) {
+        Py_DECREF(match);
+        return 0;
+    }
+    Py_DECREF(match);
+    if (PySet_GET_SIZE(r->memo) >= MEMO_MAX && PySet_Clear(r->memo) < 0) {
+        return -1;
+    }
+    return PySet_Add(r->memo, v) < 0 ? -1 : 1;
+}
+
+/* A new object of the make's class with every slot set from built[] (NULL: the field is absent). */
+static PyObject *
+make_object(const Make *m, PyObject *const *built)
+{
+    PyObject *obj = m->cls->tp_alloc(m->cls, 0);
+
+    if (obj == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < m->nslots; i++) {
+        const Slot *s = &m->slots[i];
+        PyObject *value, *made = NULL;
+        int failed;
+
+        if (s->kind == SOURCE_GET) {
+            value = built[s->field] != NULL ? built[s->field] : s->value;
+        }
+        else if (s->kind == SOURCE_CONST) {
+            value = s->value;
+        }
+        else {
+            made = value = make_object(s->make, built);
+            if (made == NULL) {
+                Py_DECREF(obj);
+                return NULL;
+            }
+        }
+        failed = Py_TYPE(s->descr)->tp_descr_set(s->descr, obj, value) < 0;
+        Py_XDECREF(made);
+        if (failed) {
+            Py_DECREF(obj);
+            return NULL;
+        }
+    }
+    return obj;
+}
+
 static Py_ssize_t
-check_record(const Rule *r, PyObject *v)
+walk_record(const Rule *r, PyObject *v, PyObject **out)
 {
     PyObject *found[SCHEMA_MAX_FIELDS];
+    PyObject *built[SCHEMA_MAX_FIELDS] = {NULL};
+    PyObject **into = out != NULL && r->make != NULL ? built : NULL;
     Py_ssize_t present = 0, result = CHECK_OK, i;
 
     if (!PyDict_CheckExact(v)) {
@@ -1019,19 +1285,167 @@ check_record(const Rule *r, PyObject *v)
             }
         }
         else if (!(f->nullable && found[j] == Py_None)) {
-            result = check_rule(f->rule, found[j]);
+            result = walk(f->rule, found[j], into != NULL ? &into[j] : NULL);
+        }
+    }
+    if (result == CHECK_OK && out != NULL) {
+        *out = into != NULL ? make_object(r->make, built) : Py_NewRef(v);
+        if (*out == NULL) {
+            result = CHECK_ERROR;
         }
     }
     for (Py_ssize_t j = 0; j < i; j++) {
         Py_XDECREF(found[j]);
     }
+    for (Py_ssize_t j = 0; j < r->nfields; j++) {
+        Py_XDECREF(built[j]);
+    }
+    return result;
+}
+
+/* One entry's key_is and unique (after its key and value conform): CHECK_OK, the map's index, or an error. */
+static Py_ssize_t
+entry_ties(const Rule *r, PyObject *key, PyObject *value, PyObject *seen)
+{
+    if (r->key_is >= 0) {
+        PyObject *held = PyDict_GetItemWithError(value, r->value->fields[r->key_is].key);
+        int equal;
+        if (held == NULL) {
+            return PyErr_Occurred() ? CHECK_ERROR : r->index;
+        }
+        Py_INCREF(held);
+        equal = PyObject_RichCompareBool(held, key, Py_EQ);
+        Py_DECREF(held);
+        if (equal <= 0) {
+            return equal < 0 ? CHECK_ERROR : r->index;
+        }
+    }
+    if (r->unique >= 0) {
+        PyObject *held = PyDict_GetItemWithError(value, r->value->fields[r->unique].key);
+        int known;
+        if (held == NULL) {
+            return PyErr_Occurred() ? CHECK_ERROR : r->index;
+        }
+        known = PySet_Contains(seen, held);
+        if (known != 0) {
+            return known < 0 ? CHECK_ERROR : r->index;
+        }
+        if (PySet_Add(seen, held) < 0) {
+            return CHECK_ERROR;
+        }
+    }
+    return CHECK_OK;
+}
+
+static Py_ssize_t
+walk_mapof(const Rule *r, PyObject *v, PyObject **out)
+{
+    Py_ssize_t pos = 0, at = 0, n, result = CHECK_OK;
+    PyObject *key, *value, *seen = NULL, *tuple = NULL;
+
+    if (!PyDict_CheckExact(v)) {
+        return r->index;
+    }
+    n = PyDict_GET_SIZE(v);
+    if (n < r->min || n > r->max) {
+        return r->index;
+    }
+    if (r->unique >= 0 && (seen = PySet_New(NULL)) == NULL) {
+        return CHECK_ERROR;
+    }
+    if (out != NULL && (tuple = PyTuple_New(n)) == NULL) {
+        Py_XDECREF(seen);
+        return CHECK_ERROR;
+    }
+    while (result == CHECK_OK && PyDict_Next(v, &pos, &key, &value)) {
+        PyObject *built = NULL;
+        Py_INCREF(key);
+        Py_INCREF(value);
+        result = walk(r->item, key, NULL);
+        if (result == CHECK_OK) {
+            result = walk(r->value, value, tuple != NULL ? &built : NULL);
+        }
+        if (result == CHECK_OK) {
+            result = entry_ties(r, key, value, seen);
+        }
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (built != NULL) {
+            if (at < n) {
+                PyTuple_SET_ITEM(tuple, at, built);
+            }
+            else {
+                Py_DECREF(built);
+            }
+            at++;
+        }
+    }
+    Py_XDECREF(seen);
+    if (tuple != NULL) {
+        if (result == CHECK_OK && at != n) {
+            PyErr_SetString(PyExc_RuntimeError, "the map changed while it was built");
+            result = CHECK_ERROR;
+        }
+        if (result == CHECK_OK) {
+            *out = tuple;
+        }
+        else {
+            Py_DECREF(tuple);
+        }
+    }
     return result;
 }
 
 static Py_ssize_t
-check_rule(const Rule *r, PyObject *v)
+walk_array(const Rule *r, PyObject *v, PyObject **out)
 {
-    Py_ssize_t n, result;
+    Py_ssize_t n, result = CHECK_OK;
+    PyObject *tuple = NULL;
+
+    if (!PyList_CheckExact(v)) {
+        return r->index;
+    }
+    n = PyList_GET_SIZE(v);
+    if (n < r->min || n > r->max) {
+        return r->index;
+    }
+    if (out != NULL && (tuple = PyTuple_New(n)) == NULL) {
+        return CHECK_ERROR;
+    }
+    for (Py_ssize_t i = 0; result == CHECK_OK && i < PyList_GET_SIZE(v); i++) {
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(v, i)), *built = NULL;
+        result = walk(r->item, item, tuple != NULL ? &built : NULL);
+        Py_DECREF(item);
+        if (built != NULL) {
+            if (i < n) {
+                PyTuple_SET_ITEM(tuple, i, built);
+            }
+            else {
+                Py_DECREF(built);
+            }
+        }
+    }
+    if (tuple != NULL) {
+        if (result == CHECK_OK && PyList_GET_SIZE(v) != n) {
+            PyErr_SetString(PyExc_RuntimeError, "the list changed while it was built");
+            result = CHECK_ERROR;
+        }
+        if (result == CHECK_OK) {
+            *out = tuple;
+        }
+        else {
+            Py_DECREF(tuple);
+        }
+    }
+    return result;
+}
+
+/* Checks v against r: CHECK_OK, the index of the broken rule, or CHECK_ERROR (an exception is set).
+ * With out, on CHECK_OK *out is a new reference to what v builds. */
+static Py_ssize_t
+walk(const Rule *r, PyObject *v, PyObject **out)
+{
+    Py_ssize_t n, result = CHECK_OK;
 
     switch (r->kind) {
     case RULE_BYTES:
@@ -1043,14 +1457,20 @@ check_rule(const Rule *r, PyObject *v)
             return r->index;
         }
         if (r->nsizes) {
+            result = r->index;
             for (Py_ssize_t i = 0; i < r->nsizes; i++) {
                 if (r->sizes[i] == n) {
-                    return CHECK_OK;
+                    result = CHECK_OK;
+                    break;
                 }
             }
-            return r->index;
         }
-        return CHECK_OK;
+        if (result == CHECK_OK && r->prefix != NULL
+            && (n < PyBytes_GET_SIZE(r->prefix)
+                || memcmp(PyBytes_AS_STRING(v), PyBytes_AS_STRING(r->prefix), (size_t)PyBytes_GET_SIZE(r->prefix)) != 0)) {
+            result = r->index;
+        }
+        break;
     case RULE_TEXT:
         if (!PyUnicode_CheckExact(v)) {
             return r->index;
@@ -1061,68 +1481,39 @@ check_rule(const Rule *r, PyObject *v)
         }
         if (r->one_of != NULL) {
             int in = PySet_Contains(r->one_of, v);
-            if (in < 0) {
-                return CHECK_ERROR;
+            if (in <= 0) {
+                return in < 0 ? CHECK_ERROR : r->index;
             }
-            return in ? CHECK_OK : r->index;
         }
-        return CHECK_OK;
+        if (r->fullmatch != NULL) {
+            int in = text_matches(r, v);
+            if (in <= 0) {
+                return in < 0 ? CHECK_ERROR : r->index;
+            }
+        }
+        break;
     case RULE_INT: {
         int in;
         if (!PyLong_CheckExact(v)) {
             return r->index;
         }
         in = int_in_ranges(r, v);
-        if (in < 0) {
-            return CHECK_ERROR;
+        if (in <= 0) {
+            return in < 0 ? CHECK_ERROR : r->index;
         }
-        return in ? CHECK_OK : r->index;
+        break;
     }
     case RULE_ARRAY:
-        if (!PyList_CheckExact(v)) {
-            return r->index;
-        }
-        n = PyList_GET_SIZE(v);
-        if (n < r->min || n > r->max) {
-            return r->index;
-        }
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
-            PyObject *item = Py_NewRef(PyList_GET_ITEM(v, i));
-            result = check_rule(r->item, item);
-            Py_DECREF(item);
-            if (result != CHECK_OK) {
-                return result;
-            }
-        }
-        return CHECK_OK;
+        return walk_array(r, v, out);
     case RULE_RECORD:
-        return check_record(r, v);
-    default: { /* RULE_MAPOF */
-        Py_ssize_t pos = 0;
-        PyObject *key, *value;
-        if (!PyDict_CheckExact(v)) {
-            return r->index;
-        }
-        n = PyDict_GET_SIZE(v);
-        if (n < r->min || n > r->max) {
-            return r->index;
-        }
-        while (PyDict_Next(v, &pos, &key, &value)) {
-            Py_INCREF(key);
-            Py_INCREF(value);
-            result = check_rule(r->item, key);
-            if (result == CHECK_OK) {
-                result = check_rule(r->value, value);
-            }
-            Py_DECREF(key);
-            Py_DECREF(value);
-            if (result != CHECK_OK) {
-                return result;
-            }
-        }
-        return CHECK_OK;
+        return walk_record(r, v, out);
+    default: /* RULE_MAPOF */
+        return walk_mapof(r, v, out);
     }
+    if (result == CHECK_OK && out != NULL) {
+        *out = Py_NewRef(v);
     }
+    return result;
 }
 
 static void
@@ -1133,7 +1524,7 @@ schema_destroy(PyObject *capsule)
 
 PyDoc_STRVAR(schema_doc,
 "schema(tree, /)\n--\n\n"
-"Compiles a rule tree of ism.formats.cbor_schema into an opaque schema for check().");
+"Compiles a rule tree of ism.formats.cbor_schema into an opaque schema for check() and build().");
 
 static PyObject *
 native_schema(PyObject *module, PyObject *tree)
@@ -1153,6 +1544,16 @@ native_schema(PyObject *module, PyObject *tree)
     return capsule;
 }
 
+static const Rule *
+schema_args(const char *name, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly 2 arguments", name);
+        return NULL;
+    }
+    return PyCapsule_GetPointer(args[1], SCHEMA_CAPSULE);
+}
+
 PyDoc_STRVAR(check_doc,
 "check(value, schema, /)\n--\n\n"
 "None if the decoded value conforms to the schema, else the index of the rule it breaks.");
@@ -1160,19 +1561,14 @@ PyDoc_STRVAR(check_doc,
 static PyObject *
 native_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    const Rule *root;
+    const Rule *root = schema_args("check", args, nargs);
     Py_ssize_t result;
 
     (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "check() takes exactly 2 arguments");
-        return NULL;
-    }
-    root = PyCapsule_GetPointer(args[1], SCHEMA_CAPSULE);
     if (root == NULL) {
         return NULL;
     }
-    result = check_rule(root, args[0]);
+    result = walk(root, args[0], NULL);
     if (result == CHECK_ERROR) {
         return NULL;
     }
@@ -1182,11 +1578,41 @@ native_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(result);
 }
 
+PyDoc_STRVAR(build_doc,
+"build(value, schema, /)\n--\n\n"
+"The object the schema's root record makes from the decoded value, or None if it does not conform.");
+
+static PyObject *
+native_build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const Rule *root = schema_args("build", args, nargs);
+    PyObject *out = NULL;
+    Py_ssize_t result;
+
+    (void)module;
+    if (root == NULL) {
+        return NULL;
+    }
+    if (root->kind != RULE_RECORD || root->make == NULL) {
+        PyErr_SetString(PyExc_ValueError, "only a schema whose root is a record with a Make builds");
+        return NULL;
+    }
+    result = walk(root, args[0], &out);
+    if (result == CHECK_ERROR) {
+        return NULL;
+    }
+    if (result == CHECK_OK) {
+        return out;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"loads", (PyCFunction)(void (*)(void))native_loads, METH_FASTCALL, loads_doc},
     {"configure", (PyCFunction)(void (*)(void))native_configure, METH_FASTCALL, configure_doc},
     {"schema", native_schema, METH_O, schema_doc},
     {"check", (PyCFunction)(void (*)(void))native_check, METH_FASTCALL, check_doc},
+    {"build", (PyCFunction)(void (*)(void))native_build, METH_FASTCALL, build_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,12 +29,10 @@ no claim is silently ignored. Every refusal is a :class:`FormatError` with an
 from __future__ import annotations
 
 import json
-import operator
 import re
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from dataclasses import fields as dataclass_fields
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -845,78 +843,17 @@ def _submods(raw: Any) -> tuple[MicroserviceClaims, ...]:
 # -- the fast path --------------------------------------------------------------------------------
 #
 # A token is verified far more often than it is malformed. ``_decode_fast`` checks a claims-set
-# against the schema of its profile (``ism.formats.cbor_schema``: every type, size, range,
-# enumeration, mandatory and unknown claim, in the native extension when it is built), makes the
-# checks a schema cannot state (patterns, the UEID type byte, submodule names, unique UUIDs) and
-# builds the objects without checking them a second time. It returns None at the first thing it does
-# not accept, or for a profile it does not handle (the legacy ones): ``decode_claims`` then runs
-# ``_decode_checked``, which raises the error. So the fast path can only accept what the checked path
-# accepts, giving equal objects, and every error still comes from one place. A check added to a
-# constructor or to the checked decoder must be added here too; tests/unit/test_cbor_claims.py
-# compares the two paths on mutated claims-sets, with the native and the pure-Python schema checker.
+# against the schema of its profile and builds its objects in the same pass
+# (``ism.formats.cbor_schema``: every type, size, range, enumeration, pattern, mandatory and unknown
+# claim, the UEID type byte, submodules named after their microservice, unique microservice UUIDs;
+# in the native extension when it is built). It returns None at the first thing it does not accept,
+# or for a profile it does not handle (the legacy ones): ``decode_claims`` then runs
+# ``_decode_checked``, which raises the error. So the fast path can only accept what the checked
+# path accepts, giving equal objects, and every error still comes from one place. A check added to
+# a constructor or to the checked decoder must be added to these schemas too;
+# tests/unit/test_cbor_claims.py compares the two paths on mutated claims-sets, with the native and
+# the pure-Python schema interpreter.
 
-_new = object.__new__
-
-
-def _setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
-    """The slot setters of a frozen dataclass (construction without ``__post_init__``), in field order."""
-    fields = tuple(f.name for f in dataclass_fields(cls))
-    if fields != names:
-        raise AssertionError(f"{cls.__name__} fields changed: the fast path needs updating")
-    return tuple(getattr(cls, name).__set__ for name in names)
-
-
-_SW_SET: Final = _setters(
-    SwComponent, ("measurement_value", "signer_id", "measurement_type", "version", "measurement_desc")
-)
-_MS_SET: Final = _setters(
-    MicroserviceClaims,
-    (
-        "uuid_bytes",
-        "name",
-        "version",
-        "sequence",
-        "measurement",
-        "signer",
-        "policy_digest",
-        "lifecycle",
-        "certifications",
-        "_uuid",
-    ),
-)
-_CLAIMS_SET: Final = _setters(
-    Claims,
-    (
-        "profile",
-        "nonce",
-        "instance_id",
-        "implementation_id",
-        "client_id",
-        "lifecycle",
-        "software_components",
-        "boot_seed",
-        "certification_reference",
-        "verification_service",
-        "no_sw_measurements",
-        "profile_claim",
-        "microservice",
-        "submods",
-        "lifecycle_log",
-    ),
-)
-_MS_REQUIRED: Final = operator.itemgetter(
-    MS_UUID, MS_NAME, MS_VERSION, MS_SEQUENCE, MS_MEASUREMENT, MS_SIGNER, MS_POLICY_DIGEST, MS_LIFECYCLE
-)
-_PSA_REQUIRED: Final = operator.itemgetter(
-    EAT_NONCE, EAT_UEID, PSA_IMPLEMENTATION_ID, PSA_CLIENT_ID, PSA_LIFECYCLE, PSA_SOFTWARE_COMPONENTS
-)
-_NO_CERTIFICATIONS: Final[list[Any]] = []
-
-# What the schemas state, claim by claim, is what _decode_checked and the constructors check for the
-# claim's type, size, range, enumeration and presence, and the keys each map may hold
-# (``_refuse_unknown``). The checks they cannot state — the patterns (microservice name, semantic
-# version, certification reference), the UEID's type byte, a submodule named after its
-# microservice, unique microservice UUIDs — the builders below make.
 _HASH: Final = schema.Bytes(sizes=_HASH_SIZES)
 _OPTIONAL_TEXT: Final = schema.Text(max_len=MAX_TEXT)
 _COMPONENT_SCHEMA: Final = schema.Record(
@@ -926,18 +863,43 @@ _COMPONENT_SCHEMA: Final = schema.Record(
         schema.Field(SC_MEASUREMENT_TYPE, _OPTIONAL_TEXT, required=False),
         schema.Field(SC_VERSION, _OPTIONAL_TEXT, required=False),
         schema.Field(SC_MEASUREMENT_DESC, _OPTIONAL_TEXT, required=False),
-    )
+    ),
+    schema.Make(
+        SwComponent,
+        (
+            ("measurement_value", schema.Get(SC_MEASUREMENT_VALUE)),
+            ("signer_id", schema.Get(SC_SIGNER_ID)),
+            ("measurement_type", schema.Get(SC_MEASUREMENT_TYPE)),
+            ("version", schema.Get(SC_VERSION)),
+            ("measurement_desc", schema.Get(SC_MEASUREMENT_DESC)),
+        ),
+    ),
 )
 _MS_FIELDS: Final = (
     schema.Field(MS_UUID, schema.Bytes(sizes=(16,))),
-    schema.Field(MS_NAME, schema.Text(1, 32)),  # and _MS_NAME_RE
-    schema.Field(MS_VERSION, schema.Text(max_len=MAX_TEXT)),  # and _SEMVER_RE
+    schema.Field(MS_NAME, schema.Text(1, 32, pattern=_MS_NAME_RE)),
+    schema.Field(MS_VERSION, schema.Text(max_len=MAX_TEXT, pattern=_SEMVER_RE)),
     schema.Field(MS_SEQUENCE, schema.Int(((0, _UINT64 - 1),))),
     schema.Field(MS_MEASUREMENT, _HASH),
     schema.Field(MS_SIGNER, _HASH),
     schema.Field(MS_POLICY_DIGEST, _HASH),
     schema.Field(MS_CERTIFICATIONS, schema.Array(schema.Text(1, 128), max_len=MAX_CERTIFICATIONS), required=False),
     schema.Field(MS_LIFECYCLE, schema.Text(one_of=frozenset(MS_LIFECYCLES))),
+)
+_MS_MAKE: Final = schema.Make(
+    MicroserviceClaims,
+    (
+        ("uuid_bytes", schema.Get(MS_UUID)),
+        ("name", schema.Get(MS_NAME)),
+        ("version", schema.Get(MS_VERSION)),
+        ("sequence", schema.Get(MS_SEQUENCE)),
+        ("measurement", schema.Get(MS_MEASUREMENT)),
+        ("signer", schema.Get(MS_SIGNER)),
+        ("policy_digest", schema.Get(MS_POLICY_DIGEST)),
+        ("lifecycle", schema.Get(MS_LIFECYCLE)),
+        ("certifications", schema.Get(MS_CERTIFICATIONS, ())),
+        ("_uuid", schema.Const(None)),  # the UUID object: built on first use
+    ),
 )
 
 
@@ -947,20 +909,48 @@ def _platform_fields(profile: str) -> tuple[schema.Field, ...]:
     return (
         schema.Field(EAT_PROFILE, schema.Text(one_of=frozenset({profile}))),
         schema.Field(EAT_NONCE, _HASH),
-        schema.Field(EAT_UEID, schema.Bytes(sizes=(33,))),  # and the type byte 0x01
+        schema.Field(EAT_UEID, schema.Bytes(sizes=(33,), prefix=b"\x01")),  # a RAND UEID
         schema.Field(PSA_IMPLEMENTATION_ID, schema.Bytes(sizes=(32,))),
         schema.Field(PSA_CLIENT_ID, schema.Int(((-_INT32, -1), (1, _INT32 - 1)))),
         schema.Field(PSA_LIFECYCLE, schema.Int(tuple((v, v | 0xFF) for v in majors))),
         schema.Field(PSA_SOFTWARE_COMPONENTS, schema.Array(_COMPONENT_SCHEMA, 1, MAX_COMPONENTS)),
         # a null boot seed, certification reference or verification service is taken as absent
         schema.Field(EAT_BOOT_SEED, schema.Bytes(min_size=8, max_size=32), required=False, nullable=True),
-        schema.Field(PSA_CERTIFICATION_REFERENCE, _OPTIONAL_TEXT, required=False, nullable=True),  # + _CERT_REF_RE
+        schema.Field(
+            PSA_CERTIFICATION_REFERENCE,
+            schema.Text(max_len=MAX_TEXT, pattern=_CERT_REF_RE),
+            required=False,
+            nullable=True,
+        ),
         schema.Field(PSA_VERIFICATION_SERVICE, schema.Text(1, MAX_TEXT), required=False, nullable=True),
         schema.Field(ISM_LIFECYCLE_LOG, schema.Bytes(sizes=(LIFECYCLE_LOG_SIZE,)), required=False),
     )
 
 
-#: The claims-set of each profile the fast path handles.
+def _claims_make(microservice: schema.Source, submods: schema.Source) -> schema.Make:
+    return schema.Make(
+        Claims,
+        (
+            ("profile", schema.Get(EAT_PROFILE)),
+            ("nonce", schema.Get(EAT_NONCE)),
+            ("instance_id", schema.Get(EAT_UEID)),
+            ("implementation_id", schema.Get(PSA_IMPLEMENTATION_ID)),
+            ("client_id", schema.Get(PSA_CLIENT_ID)),
+            ("lifecycle", schema.Get(PSA_LIFECYCLE)),
+            ("software_components", schema.Get(PSA_SOFTWARE_COMPONENTS)),
+            ("boot_seed", schema.Get(EAT_BOOT_SEED)),
+            ("certification_reference", schema.Get(PSA_CERTIFICATION_REFERENCE)),
+            ("verification_service", schema.Get(PSA_VERIFICATION_SERVICE)),
+            ("no_sw_measurements", schema.Const(False)),
+            ("profile_claim", schema.Const(None)),
+            ("microservice", microservice),
+            ("submods", submods),
+            ("lifecycle_log", schema.Get(ISM_LIFECYCLE_LOG)),
+        ),
+    )
+
+
+#: The claims-set of each profile the fast path handles, and the objects it builds.
 _FAST_SCHEMAS: Final[Mapping[str, schema.Schema]] = {
     PROFILE_PSA: schema.Schema(
         schema.Record(
@@ -968,112 +958,44 @@ _FAST_SCHEMAS: Final[Mapping[str, schema.Schema]] = {
                 *_platform_fields(PROFILE_PSA),
                 schema.Field(
                     EAT_SUBMODS,
-                    schema.MapOf(schema.Text(), schema.Record(_MS_FIELDS), 1, MAX_SUBMODS),
+                    # each submodule named after its microservice; microservice UUIDs unique
+                    schema.MapOf(
+                        schema.Text(),
+                        schema.Record(_MS_FIELDS, _MS_MAKE),
+                        1,
+                        MAX_SUBMODS,
+                        key_is=MS_NAME,
+                        unique=MS_UUID,
+                    ),
                     required=False,
                 ),
-            )
+            ),
+            _claims_make(schema.Const(None), schema.Get(EAT_SUBMODS, ())),
         )
     ),
-    PROFILE_MICROSERVICE: schema.Schema(schema.Record((*_platform_fields(PROFILE_MICROSERVICE), *_MS_FIELDS))),
+    PROFILE_MICROSERVICE: schema.Schema(
+        schema.Record(
+            (*_platform_fields(PROFILE_MICROSERVICE), *_MS_FIELDS),
+            _claims_make(_MS_MAKE, schema.Const(())),
+        )
+    ),
 }
 
 
-def _build_component(raw: dict[Any, Any], _set: tuple[Callable[[Any, Any], None], ...] = _SW_SET) -> SwComponent:
-    out = _new(SwComponent)
-    s0, s1, s2, s3, s4 = _set
-    get = raw.get
-    s0(out, raw[SC_MEASUREMENT_VALUE])
-    s1(out, raw[SC_SIGNER_ID])
-    s2(out, get(SC_MEASUREMENT_TYPE))
-    s3(out, get(SC_VERSION))
-    s4(out, get(SC_MEASUREMENT_DESC))
-    return out
-
-
-def _build_microservice(
-    raw: dict[Any, Any], _set: tuple[Callable[[Any, Any], None], ...] = _MS_SET
-) -> MicroserviceClaims | None:
-    """The microservice claims of a map the schema accepted; None if a pattern does not match."""
-    ms_uuid, name, version, sequence, measurement, signer, policy, lifecycle = _MS_REQUIRED(raw)
-    if _MS_NAME_RE.fullmatch(name) is None or _SEMVER_RE.fullmatch(version) is None:
-        return None
-    out = _new(MicroserviceClaims)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _set
-    s0(out, ms_uuid)
-    s1(out, name)
-    s2(out, version)
-    s3(out, sequence)
-    s4(out, measurement)
-    s5(out, signer)
-    s6(out, policy)
-    s7(out, lifecycle)
-    s8(out, tuple(raw.get(MS_CERTIFICATIONS, _NO_CERTIFICATIONS)))
-    s9(out, None)  # the UUID object: built on first use
-    return out
-
-
-def _build_submods(raw: dict[Any, Any]) -> tuple[MicroserviceClaims, ...] | None:
-    found = []
-    uuids = set()
-    for name, sub in raw.items():
-        ms = _build_microservice(sub)
-        if ms is None or ms.name != name:  # a submodule is named after its microservice
-            return None
-        found.append(ms)
-        uuids.add(ms.uuid_bytes)
-    # Names are unique (each is its submodule's key); UUIDs must be too.
-    if len(uuids) != len(found):
-        return None
-    return tuple(found)
-
-
-def _decode_fast(
-    raw: Any, python: bool = False, _set: tuple[Callable[[Any, Any], None], ...] = _CLAIMS_SET
-) -> Claims | None:
+def _decode_fast(raw: Any, python: bool = False) -> Claims | None:
     """The claims of an RFC 9783 device token or of a microservice token, or None (see above).
 
-    ``python`` checks with the pure-Python schema checker even when the native one is built (tests).
+    ``python`` checks and builds with the pure-Python interpreter even when the native one is built
+    (tests).
     """
     if type(raw) is not dict:
         return None
     profile = raw.get(EAT_PROFILE)
     checker = _FAST_SCHEMAS.get(profile) if type(profile) is str else None
-    if checker is None or (checker.check_python(raw) if python else checker.check(raw)) is not None:
+    if checker is None:
         return None
-    nonce, ueid, impl, client, lifecycle, components_raw = _PSA_REQUIRED(raw)
-    cert = raw.get(PSA_CERTIFICATION_REFERENCE)
-    if ueid[0] != 0x01 or (cert is not None and _CERT_REF_RE.fullmatch(cert) is None):
-        return None
-    microservice = None
-    submods: tuple[MicroserviceClaims, ...] | None = ()
-    if profile == PROFILE_MICROSERVICE:
-        microservice = _build_microservice(raw)
-        if microservice is None:
-            return None
-    else:
-        submods_raw = raw.get(EAT_SUBMODS)  # never null: the schema refuses it
-        if submods_raw is not None:
-            submods = _build_submods(submods_raw)
-            if submods is None:
-                return None
-    out = _new(Claims)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14 = _set
-    s0(out, profile)
-    s1(out, nonce)
-    s2(out, ueid)
-    s3(out, impl)
-    s4(out, client)
-    s5(out, lifecycle)
-    s6(out, tuple([_build_component(c) for c in components_raw]))
-    s7(out, raw.get(EAT_BOOT_SEED))
-    s8(out, cert)
-    s9(out, raw.get(PSA_VERIFICATION_SERVICE))
-    s10(out, False)
-    s11(out, None)
-    s12(out, microservice)
-    s13(out, submods)
-    s14(out, raw.get(ISM_LIFECYCLE_LOG))
-    return out
+    claims: Claims | None = checker.build_python(raw) if python else checker.build(raw)
+    return claims
 
 
 def decode_claims(data: bytes) -> Claims:
