@@ -13,7 +13,8 @@ granted, passing pointers outside its memory, or forging handles. Policy
 lookups are O(1) (dictionary and bit mask); handles are indices into a
 per-microservice table, so another microservice's handle means nothing here;
 every span is checked by the sandbox. A denial is a :class:`Violation`
-(the caller stops), never an error code it could probe with.
+(the caller stops), never an error code it could probe with; its record
+carries the guest's backtrace at the host call (attached by the sandbox).
 """
 
 from __future__ import annotations

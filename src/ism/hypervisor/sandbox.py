@@ -14,26 +14,38 @@ microservice has its own Store (no shared instance state); every activation
 runs with a fresh fuel budget; memory is capped by a store limit; host
 calls see guest pointers only through :meth:`Sandbox.read` /
 :meth:`Sandbox.write`, which refuse any span outside the guest's memory.
+
+Backtraces: a trap carries the guest's frames (``Trap.frames``). A Python
+exception a host function raises (a :class:`Violation`) is turned by
+wasmtime-py's trampoline into a trap of its own making; wasmtime hands it back
+from the call as an *error* whose wasm trace is the guest's stack at that host
+call, and wasmtime-py then re-raises the original exception and drops the
+error. The calls here (:class:`_FastCall`, instantiation) read that trace
+before re-raising and attach it to the exception (:func:`guest_backtrace`), so
+a record of a host-raised violation names the guest functions that made the
+call, as one of a trap does. Only a failed call pays for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import wasmtime
 from wasmtime import _ffi as ffi  # the fast call path below uses wasmtime-py's C bindings
 from wasmtime._func import maybe_raise_last_exn
+from wasmtime._trap import FrameList
 
 from ism.errors import IsmError, Violation
 from ism.formats.abi import MAX_IO
 
-__all__ = ["Fault", "Sandbox", "compile_module", "engine_for", "wasm_page"]
+__all__ = ["Fault", "Sandbox", "compile_module", "engine_for", "guest_backtrace", "wasm_page"]
 
 WASM_PAGE: Final = 65536
 MAX_BACKTRACE: Final = 8
@@ -126,12 +138,56 @@ _TRAP_RULES: Final = {
 }
 
 
-def _backtrace(trap: wasmtime.Trap) -> tuple[str, ...]:
+def _backtrace(frames: Sequence[wasmtime.Frame]) -> tuple[str, ...]:
+    """``name@0xoffset`` (``func[index]@0xoffset`` without a name) per frame, innermost first, at most MAX_BACKTRACE."""
     out = []
-    for frame in (trap.frames or [])[:MAX_BACKTRACE]:
+    for frame in frames[:MAX_BACKTRACE]:
         name = frame.func_name or f"func[{frame.func_index}]"
         out.append(f"{name}@0x{frame.module_offset:x}")
     return tuple(out)
+
+
+def _error_frames(error: wasmtime.WasmtimeError) -> list[wasmtime.Frame]:
+    """The wasm frames of an error, as ``Trap.frames`` reads a trap's (wasmtime-py has no such property for errors)."""
+    frames = FrameList(error)
+    ffi.wasmtime_error_wasm_trace(error.ptr(), ctypes.byref(frames.vec))
+    return [wasmtime.Frame._from_ptr(frames.vec.data[i], frames) for i in range(min(frames.vec.size, MAX_BACKTRACE))]
+
+
+#: the attribute under which an exception raised in a host call keeps the guest's backtrace at that call
+_GUEST_BACKTRACE: Final = "ism_guest_backtrace"
+
+
+def guest_backtrace(exc: BaseException) -> tuple[str, ...]:
+    """The guest's backtrace at the host call that raised ``exc`` (innermost first); () if none is known."""
+    backtrace = getattr(exc, _GUEST_BACKTRACE, ())
+    return backtrace if isinstance(backtrace, tuple) else ()
+
+
+def _with_backtrace(exc: BaseException, backtrace: tuple[str, ...]) -> BaseException:
+    """``exc``, carrying ``backtrace`` (left without it if its class refuses new attributes)."""
+    with contextlib.suppress(AttributeError):  # e.g. a frozen dataclass: the exception itself matters more
+        setattr(exc, _GUEST_BACKTRACE, backtrace)
+    return exc
+
+
+def _raise_failure(error: Any, trap: Any) -> NoReturn:
+    """Raises why a call into wasm failed (``error`` or ``trap``, the out-values of the C call).
+
+    A Python exception a host function raised during the call is re-raised as wasmtime-py does,
+    with the guest's backtrace at that host call attached (the error's, or the trap's, frames);
+    otherwise the trap, or the error.
+    """
+    failure: wasmtime.Trap | wasmtime.WasmtimeError = (
+        wasmtime.WasmtimeError._from_ptr(error) if error else wasmtime.Trap._from_ptr(trap)
+    )
+    try:
+        maybe_raise_last_exn()
+    except BaseException as exn:
+        frames = failure.frames if isinstance(failure, wasmtime.Trap) else _error_frames(failure)
+        _with_backtrace(exn, _backtrace(frames))
+        raise
+    raise failure
 
 
 class _FastCall:
@@ -151,20 +207,25 @@ class _FastCall:
         for i, a in enumerate(args):
             buf[i].i32 = a
         # wasmtime-py's enter_wasm() inlined (its context manager costs ~1 us per activation):
-        # a trap, or a Python exception a host function raised (a Violation), propagates as there.
+        # a trap, or a Python exception a host function raised (a Violation), propagates as there,
+        # the latter with the guest's backtrace at the host call (see _raise_failure).
         trap = ctypes.POINTER(ffi.wasm_trap_t)()
-        try:
-            error = ffi.wasmtime_func_call_unchecked(self._ctx, self._func, buf, self._n, ctypes.byref(trap))
-            if error:
-                raise wasmtime.WasmtimeError._from_ptr(error)
-            if trap:
-                trap_obj = wasmtime.Trap._from_ptr(trap)
-                maybe_raise_last_exn()
-                raise trap_obj
-        except wasmtime.WasmtimeError:
-            maybe_raise_last_exn()
-            raise
+        error = ffi.wasmtime_func_call_unchecked(self._ctx, self._func, buf, self._n, ctypes.byref(trap))
+        if error or trap:
+            _raise_failure(error, trap)
         return int(buf[0].i32)
+
+
+def _instantiate(linker: wasmtime.Linker, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Instance:
+    """``linker.instantiate(store, module)``, failing as :class:`_FastCall` does (a host call's backtrace kept)."""
+    trap = ctypes.POINTER(ffi.wasm_trap_t)()
+    instance = ffi.wasmtime_instance_t()
+    error = ffi.wasmtime_linker_instantiate(
+        linker.ptr(), store._context(), module.ptr(), ctypes.byref(instance), ctypes.byref(trap)
+    )
+    if error or trap:
+        _raise_failure(error, trap)
+    return wasmtime.Instance._from_raw(instance)
 
 
 HostFactory = Callable[["Sandbox"], dict[str, tuple[wasmtime.FuncType, Callable[..., Any]]]]
@@ -204,18 +265,20 @@ class Sandbox:
         self.store.set_fuel(fuel)
         self.store.set_epoch_deadline(self.deadline)
         try:
-            self.instance = linker.instantiate(self.store, module)
+            self.instance = _instantiate(linker, self.store, module)
         except wasmtime.Trap as trap:
             fault = self.fault_from(trap)
-            raise Violation(fault.rule, f"start-up trapped: {fault.message}") from None
+            start_up = Violation(fault.rule, f"start-up trapped: {fault.message}")
+            raise _with_backtrace(start_up, fault.backtrace) from None
         except wasmtime.WasmtimeError as exc:
             text = str(exc).splitlines()[0] if str(exc) else "instantiation failed"
             rule = "sandbox.memory" if "memory" in text and "limit" in text.lower() else "sandbox.instantiate"
             raise Violation(rule, text[:200]) from None
-        except AttributeError:
+        except AttributeError as exc:
             # A host call from the module's start function: the sandbox cannot reach guest memory
             # until instantiation has finished, so the call fails; it is the module's fault.
-            raise Violation("sandbox.instantiate", "the start function called the host before init") from None
+            early = Violation("sandbox.instantiate", "the start function called the host before init")
+            raise _with_backtrace(early, guest_backtrace(exc)) from None
         exports = self.instance.exports(self.store)
         memory = exports.get("memory")
         if not isinstance(memory, wasmtime.Memory):
@@ -255,14 +318,14 @@ class Sandbox:
     def fault_from(self, exc: BaseException) -> Fault:
         """Classifies an exception raised out of an activation."""
         if isinstance(exc, IsmError):
-            return Fault(exc.rule, exc.message, exc.subject)
+            return Fault(exc.rule, exc.message, exc.subject, guest_backtrace(exc))
         if isinstance(exc, wasmtime.Trap):
             rule, message = _TRAP_RULES.get(exc.trap_code, ("sandbox.trap", "trap"))  # type: ignore[arg-type]
             if rule == "sandbox.memory-bounds" and self._memory_exhausted():
                 rule, message = "sandbox.memory", "memory limit reached, then accessed beyond it"
-            return Fault(rule, f"{message} ({exc.trap_code})", None, _backtrace(exc))
+            return Fault(rule, f"{message} ({exc.trap_code})", None, _backtrace(exc.frames or []))
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Fault("sandbox.trap", text[:200])
+        return Fault("sandbox.trap", text[:200], None, guest_backtrace(exc))
 
     def _memory_exhausted(self) -> bool:
         try:

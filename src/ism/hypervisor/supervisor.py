@@ -41,7 +41,7 @@ from ism.formats.abi import (
 from ism.formats.board import MODE_BITS
 from ism.formats.policy import GATEWAY_EXPORT_PREFIX, MicroservicePolicy
 from ism.hypervisor.host import Handle, host_functions, wasm_functype
-from ism.hypervisor.sandbox import Fault, Sandbox, compile_module, engine_for
+from ism.hypervisor.sandbox import Fault, Sandbox, compile_module, engine_for, guest_backtrace
 from ism.hypervisor.violations import ViolationRecord
 
 __all__ = ["Image", "Microservice", "State", "Supervisor"]
@@ -214,7 +214,7 @@ class Supervisor:
             )
         except Violation as exc:
             ms.sandbox = None
-            self._fault(ms, Fault(exc.rule, exc.message, exc.subject))
+            self._fault(ms, Fault(exc.rule, exc.message, exc.subject, guest_backtrace(exc)))
             return
         ms.state = State.RUNNING
         if ms.sandbox.has(INIT_EXPORT):

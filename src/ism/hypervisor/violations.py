@@ -5,8 +5,9 @@ Must not import: services, agent, store, cli.
 
 A record names the microservice (UUID, name, version, measurement), the rule
 broken, the resource or gateway involved, trap details and a short guest
-backtrace, the time, how many faults it has had in the restart window, and
-what the supervisor did about it.
+backtrace (innermost frame first, at most ``MAX_BACKTRACE``: where the guest
+trapped, or the host call that broke the rule), the time, how many faults it
+has had in the restart window, and what the supervisor did about it.
 """
 
 from __future__ import annotations
