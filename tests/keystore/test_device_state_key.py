@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from _swtpm import Swtpm, find_swtpm, start_swtpm
 
 from _cli import ism, ism_ok
 from ism.crypto.keystore.pkcs11 import Pkcs11KeyStore
-from ism.device.virtual import STATE_KEY_ID, Device
+from ism.device.virtual import STATE_KEY_ID, Device, _counters_generation, _seal_counters
 from ism.errors import StateCorruptError
 
 
@@ -57,7 +58,6 @@ def _refused(root: Path) -> StateCorruptError:
 
 def test_a_tpm_device_has_no_state_key_file(tpm_dev: Path) -> None:
     assert not (tpm_dev / "keys" / "state.key").exists()
-    assert json.loads((tpm_dev / "device.json").read_text())["state_key"] == "keystore"
     assert (tpm_dev / "keys" / "tpm" / f"{STATE_KEY_ID}.tpmkey").is_file()
     with Device(tpm_dev) as dev:
         dev.counters()
@@ -98,7 +98,6 @@ def test_a_tpm_device_without_its_state_key_does_not_verify(tpm_dev: Path, tmp_p
 def test_a_token_device_has_no_state_key_file(softhsm: SoftHsm, tmp_path: Path) -> None:
     root = _token_dev(softhsm, tmp_path, "token-device")
     assert not (root / "keys" / "state.key").exists()
-    assert json.loads((root / "device.json").read_text())["state_key"] == "keystore"
     with Device(root) as dev:
         dev.counters()
         key = dev.state_mac_key
@@ -119,3 +118,23 @@ def test_a_token_device_copied_onto_another_devices_key_store_does_not_verify(so
     config["pkcs11"]["namespace"] = json.loads((b / "device.json").read_text())["pkcs11"]["namespace"]
     (a / "device.json").write_text(json.dumps(config))  # a's files, b's device.state
     _refused(a)
+
+
+@pytest.mark.parametrize("backend", ["tpm", "pkcs11"])
+def test_a_state_key_file_of_the_attackers_is_ignored(
+    backend: str, request: pytest.FixtureRequest, softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    """An offline attacker writes keys/state.key and re-MACs the counters with it (rolled back to
+    nothing, at the TPM's current generation): the device still takes its state key from the key
+    store, whatever device.json says, so the forged state does not verify."""
+    root = request.getfixturevalue("tpm_dev") if backend == "tpm" else _token_dev(softhsm, tmp_path, "token")
+    with Device(root) as dev:
+        dev.counters()
+        generation = _counters_generation((root / "state" / "rollback.cose").read_bytes(), dev.state_mac_key)
+    own = os.urandom(32)
+    (root / "keys" / "state.key").write_bytes(own)
+    config = json.loads((root / "device.json").read_text())
+    config.pop("state_key", None)  # a marker, had there been one, would be gone too
+    (root / "device.json").write_text(json.dumps(config))
+    (root / "state" / "rollback.cose").write_bytes(_seal_counters({}, own, generation))
+    assert _refused(root).rule.startswith("state.")

@@ -42,8 +42,8 @@ Layout::
     DIR/packages/<uuid>.suit        installed packages
     DIR/packages/<uuid>.downgrade.cose  downgrade authorisation, if one was used
 
-The state MAC key: on a device whose key store is ``tpm`` or ``pkcs11`` (marked
-``"state_key": "keystore"`` in device.json) it is not on disk: it is
+The state MAC key: on a device whose key store is ``tpm`` or ``pkcs11`` it is
+not on disk: it is
 ``HMAC(device.state, "ism-state-mac-v1")``, computed inside the TPM or token
 with the non-exportable ``hmac-sha256`` key ``device.state`` that
 :meth:`Device.init` generates. It is in host memory only while the device is
@@ -53,8 +53,12 @@ token (or whose ``device.state`` is gone) no longer verifies
 (``StateCorruptError``). ``device.state`` survives factory reset,
 re-provisioning and decommissioning: a decommissioned device still verifies
 its own log. Software devices keep ``keys/state.key`` (their key store's
-root key is on disk anyway), and so does a device.json without the marker
-(made before it).
+root key is on disk anyway). The backend alone decides where the key comes
+from: a TPM or token device never reads a key file (one an attacker wrote
+would let them re-MAC rolled-back state files while the device kept its
+genuine IAK), and a ``keys/state.key`` found on such a device is ignored.
+Rewriting device.json to a software backend is possible, but then the
+genuine IAK is out of reach (docs/THREAT-MODEL.md).
 """
 
 from __future__ import annotations
@@ -273,10 +277,10 @@ class Device:
                 raise ValueError("format")
         except (ValueError, KeyError, TypeError) as exc:
             raise StateCorruptError("state.config", "device.json is unreadable", subject=str(root)) from exc
-        if self._config.get("state_key") == "keystore":
-            self._state_key = self._keystore_state_key()
-        else:
+        if self._config.get("keystore", "software") == "software":
             self._state_key = self._read_secret(root / "keys" / "state.key")
+        else:  # the backend decides, never a marker (see the module docstring)
+            self._state_key = self._keystore_state_key()
         self._protected_cache: tuple[bytes, PolicyPayload, Board, Policy] | None = None
         if self._artifact_path.is_file():
             self._drop_cleartext_config()  # an install_policy cut short before it removed them
@@ -334,7 +338,6 @@ class Device:
             atomic_write(root / "keys" / "state.key", state_key, faults, mode=0o600)
         else:  # computed in the TPM/token with a key made now: never on disk (see the module docstring)
             (root / "keys" / "state.key").unlink(missing_ok=True)  # left by an init that was cut short
-            dev_cfg["state_key"] = "keystore"
             store = _open_tpm(dev_cfg["tpm"], root) if "tpm" in dev_cfg else _open_pkcs11(dev_cfg["pkcs11"])
             try:
                 if not store.exists(STATE_KEY_ID):  # (one left by an init that was cut short is kept)
