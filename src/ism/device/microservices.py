@@ -22,7 +22,14 @@ restriction (every write that restricts a microservice raises the
 below the counter, or missing while the counter is set, is refused), by
 putting a removed or banned package back on flash (boot refuses a package
 in a removed or banned slot), or by reinstalling a banned UUID (install
-refuses it). Also: a state change made by someone without the authority
+refuses it). Also: one developer's key taking over another developer's microservice —
+the first install binds a UUID to the signer ID of its package, and an
+update, a package put on flash or a downgrade authorisation signed by any
+other trust anchor is refused (``ms-lifecycle.signer``) until the vendor
+removes the microservice (a signed ``remove``, which erases its storage and
+keys); a removed UUID binds its next signer (a binding does not move the
+counter: a copy of the file from before a microservice's first install,
+put back offline, forgets its binding). Also: a state change made by someone without the authority
 (commands are authorised by :mod:`ism.device.commands`: vendor anchors,
 the store for bans only; bound to the device; never replayed), illegal
 transitions (typed errors naming the rule), and a power cut halfway through
@@ -34,7 +41,8 @@ State file (COSE_Mac0 over deterministic CBOR)::
     { 1: 1,                  / format /
       2: uint,               / generation: +1 on every write /
       3: uint,               / floor: generation of the last restricting write (= the counter) /
-      4: { uuid-text => { 1: state, 2: since (s), 3: reason, ? 4: command digest, ? 5: true (erase pending) } } }
+      4: { uuid-text => { 1: state, 2: since (s), 3: reason, ? 4: command digest, ? 5: true (erase pending),
+                          ? 6: name, ? 7: signer ID (32 bytes: who may sign its packages) } } }
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import datetime
 import fcntl
 import functools
 import hashlib
+import hmac
 import re
 import time
 import uuid as uuidlib
@@ -54,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ism.crypto import cose
 from ism.device._atomic import atomic_write, read_capped
 from ism.device.commands import authorise_signed, consume
-from ism.errors import IsmError, StateCorruptError, TrustError
+from ism.errors import IsmError, StateCorruptError, TrustError, UntrustedSignerError
 from ism.formats import cbor, suit
 from ism.formats.command import Command
 from ism.formats.lifecycle import require as require_state
@@ -114,7 +123,7 @@ MAX_PREEMPTIVE_BANS: Final = 1024
 MAX_PACKAGE: Final = 16 * 1024 * 1024
 MAX_REASON: Final = 128
 MAX_NAME: Final = 64
-_RECORD_KEYS: Final = frozenset({1, 2, 3, 4, 5, 6})
+_RECORD_KEYS: Final = frozenset({1, 2, 3, 4, 5, 6, 7})
 _RECORD_REQUIRED: Final = frozenset({1, 2, 3})
 _CANONICAL_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _RESTRICTING: Final = NOT_STARTED
@@ -149,6 +158,8 @@ class Record:
     pending: bool = False
     #: the package name its envelope claimed when the record was written (kept after removal; reports only)
     name: str | None = None
+    #: the signer ID its packages must carry (bound by the first install; kept after removal, replaced by the next)
+    signer: bytes | None = None
 
     def encode(self) -> dict[int, Any]:
         out: dict[int, Any] = {1: self.state, 2: self.since, 3: self.reason}
@@ -158,6 +169,8 @@ class Record:
             out[5] = True
         if self.name is not None:
             out[6] = self.name
+        if self.signer is not None:
+            out[7] = self.signer
         return out
 
     @classmethod
@@ -165,9 +178,11 @@ class Record:
         if not isinstance(raw, dict) or not raw.keys() <= _RECORD_KEYS or not raw.keys() >= _RECORD_REQUIRED:
             raise ValueError("record keys")
         state, since, reason, command, pending = raw[1], raw[2], raw[3], raw.get(4), raw.get(5, False)
-        name = raw.get(6)
+        name, signer = raw.get(6), raw.get(7)
         if name is not None and (not isinstance(name, str) or not 0 < len(name) <= MAX_NAME):
             raise ValueError("record name")
+        if signer is not None and (not isinstance(signer, bytes) or len(signer) != 32):
+            raise ValueError("record signer")
         if state not in STATES or not isinstance(reason, str) or len(reason) > MAX_REASON:
             raise ValueError("record state or reason")
         if not isinstance(since, int) or isinstance(since, bool) or since < 0:
@@ -176,7 +191,7 @@ class Record:
             raise ValueError("record command digest")
         if not isinstance(pending, bool) or (pending and state not in ERASED):
             raise ValueError("record pending flag")
-        return cls(state, since, reason, command, pending, name)
+        return cls(state, since, reason, command, pending, name, signer)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -185,6 +200,7 @@ class Record:
             "reason": self.reason,
             "command": self.command.hex() if self.command is not None else None,
             "pending_erase": self.pending,
+            "signer": self.signer.hex() if self.signer is not None else None,
         }
 
 
@@ -381,7 +397,8 @@ class MicroserviceStates:
                 return None
             current = old.state if old is not None else ("installed" if self._has_package(key) else None)
             target = next_state(current, action, key)
-            new = Record(target, int(self.clock()), reason, command, target in ERASED, self._name(key, old))
+            signer = old.signer if old is not None else None
+            new = Record(target, int(self.clock()), reason, command, target in ERASED, self._name(key, old), signer)
             result.append(new)
             return key, new
 
@@ -403,15 +420,21 @@ class MicroserviceStates:
             return name
         return old.name if old is not None else None
 
-    def check_install(self, ms: uuidlib.UUID | str) -> None:
-        """Refuses to install a banned microservice (before anything is written).
+    def check_install(self, ms: uuidlib.UUID | str, signer: bytes, downgrade_signer: bytes | None = None) -> None:
+        """Refuses to install a banned microservice, or one bound to another signer (before anything is written).
 
         Raises:
             LifecycleError: ``ms-lifecycle.banned``, ``ms-lifecycle.pending``, ``ms-lifecycle.full``
                 (no room for a new record: refused before the package is written).
+            UntrustedSignerError: ``ms-lifecycle.signer`` if the package, or its downgrade
+                authorisation, is signed by another key than the one the microservice is bound to.
         """
         records = self.load()
         record = records.get(str(ms))
+        for who, sid in (("package", signer), ("downgrade authorisation", downgrade_signer)):
+            refusal = self.signer_refusal(str(ms), sid, record) if sid is not None else None
+            if refusal is not None:
+                raise UntrustedSignerError(refusal.rule, f"the {who} {refusal.message}", subject=str(ms))
         if record is None and len(records) >= MAX_RECORDS:
             raise LifecycleError("ms-lifecycle.full", f"the device keeps at most {MAX_RECORDS} lifecycle records")
         if record is not None and record.state == "banned":
@@ -427,8 +450,9 @@ class MicroserviceStates:
                 subject=str(ms),
             )
 
-    def installed(self, ms: uuidlib.UUID | str) -> None:
-        """Records an install that was just written: ``installed`` if new or removed before; else unchanged.
+    def installed(self, ms: uuidlib.UUID | str, signer: bytes) -> None:
+        """Records an install that was just written: ``installed`` and bound to ``signer`` if new or removed
+        before; else unchanged (but bound, if it was not yet).
 
         An update of a suspended or quarantined microservice stays so until a
         ``resume`` or ``release`` command.
@@ -437,9 +461,9 @@ class MicroserviceStates:
         def change(records: dict[str, Record]) -> tuple[str, Record] | None:
             old = records.get(str(ms))
             if old is not None and (old.state != "removed" or old.pending):
-                return None
+                return None if old.signer is not None else (str(ms), replace(old, signer=signer))
             reason = "install" if old is None else "reinstall"
-            return str(ms), Record("installed", int(self.clock()), reason, name=self._name(str(ms), old))
+            return str(ms), Record("installed", int(self.clock()), reason, name=self._name(str(ms), old), signer=signer)
 
         self._update(change)
 
@@ -450,7 +474,10 @@ class MicroserviceStates:
             old = records.get(str(ms))
             if old is not None and old.state != "installed":
                 return None
-            return str(ms), Record("active", int(self.clock()), "first start", name=self._name(str(ms), old))
+            signer = old.signer if old is not None else None
+            return str(ms), Record(
+                "active", int(self.clock()), "first start", name=self._name(str(ms), old), signer=signer
+            )
 
         self._update(change)
 
@@ -465,6 +492,23 @@ class MicroserviceStates:
             _RULES[record.state],
             f"the microservice was {record.state}: a package in its slot is not started"
             + (" (and cannot be installed again)" if record.state == "banned" else " (install it again to use it)"),
+            subject=ms,
+        )
+
+    def signer_refusal(self, ms: str, signer: bytes, record: Record | None = None) -> UntrustedSignerError | None:
+        """Why a package (or downgrade authorisation) of ``ms`` signed by ``signer`` is refused: the
+        microservice is bound to another signer. None if it is bound to this one, unbound, or removed
+        (its next install binds a new signer).
+        """
+        record = record if record is not None else self.get(ms)
+        if record is None or record.signer is None or record.state == "removed":
+            return None
+        if hmac.compare_digest(record.signer, signer):
+            return None
+        return UntrustedSignerError(
+            "ms-lifecycle.signer",
+            f"is signed by {signer.hex()[:16]}..., but the microservice is bound to the signer "
+            f"{record.signer.hex()[:16]}... of its first install (the vendor's 'remove' unbinds it)",
             subject=ms,
         )
 

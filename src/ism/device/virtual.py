@@ -559,13 +559,15 @@ class Device:
         self._check_against_policy(accepted)
         ms = accepted.package.meta.uuid
         lifecycle = MicroserviceStates(self)
-        lifecycle.check_install(ms)  # a banned UUID is refused before anything is written
+        # a banned UUID, or one bound to another signer, is refused before anything is written
+        dg_signer = cose.parse(downgrade, expect="sign1").kid if downgrade is not None and accepted.downgraded else None
+        lifecycle.check_install(ms, accepted.signer, dg_signer)
         if downgrade is not None and accepted.downgraded:
             atomic_write(self._downgrade_path(ms), downgrade, self.faults)
         atomic_write(self.package_path(ms), data, self.faults)
         if not accepted.downgraded:
             atomic_remove(self._downgrade_path(ms), self.faults)
-        lifecycle.installed(ms)
+        lifecycle.installed(ms, accepted.signer)
         return accepted
 
     def forget_package(self, ms_uuid: uuidlib.UUID | str) -> None:
@@ -891,6 +893,9 @@ class Device:
                 if refusal is not None:
                     raise refusal
                 result, record = self._boot_one(ms, anchors, counters, sealed.get(ms))
+                bound = lifecycle.signer_refusal(ms, result.signer)
+                if bound is not None:  # another developer's package put in this slot
+                    raise bound
             except IsmError as exc:
                 entries.append(_refused(ms, self.package_path(ms), exc))
                 continue
