@@ -379,6 +379,13 @@ OTHER_UUID = "0b0e1c3e-2f1a-4b7e-9d55-4f6c1a2b3c4d"
         ),
         pytest.param(
             'keys = ["device-2fa"]\n',
+            'keys = ["device-2fa"]\nstack = 2_097_153\n',  # wasmtime would abort the process on it
+            "policy.limits",
+            "microservice.authenticator.stack",
+            id="stack-too-large",
+        ),
+        pytest.param(
+            'keys = ["device-2fa"]\n',
             'keys = ["device-2fa"]\nmemory_pages = true\n',
             "policy.limits",
             "microservice.authenticator.memory_pages",
@@ -609,3 +616,11 @@ def test_bad_key_grants_are_refused(board: Board, grant: str) -> None:
     with pytest.raises(FormatError) as info:
         parse_policy(edited('keys = ["device-2fa"]', f"keys = {{ device-2fa = {grant} }}"), board)
     assert info.value.rule == "policy.key-grant"
+
+
+def test_the_largest_stack_a_policy_grants_makes_an_engine() -> None:
+    """The policy's stack bound is one the engine accepts (a larger one aborts the whole process)."""
+    from ism.formats.policy import MAX_STACK
+    from ism.hypervisor.sandbox import engine_for
+
+    assert isinstance(engine_for(MAX_STACK), wasmtime.Engine)

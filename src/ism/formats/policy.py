@@ -78,6 +78,9 @@ _MS_KEYS: Final = frozenset(
 _RESTART_KEYS: Final = frozenset({"policy", "max_faults", "window", "backoff_ms", "max_backoff_ms"})
 RESTART_POLICIES: Final = frozenset({"backoff", "stop"})
 MAX_MICROSERVICES: Final = 4096
+#: The largest wasm stack limit a policy may grant: what the wasmtime engine accepts (it aborts the
+#: whole process, uncatchably, when asked for a larger ``max_wasm_stack`` than its 2 MiB async stack).
+MAX_STACK: Final = 2 * 1024 * 1024
 WASM_PAGE: Final = 65536
 
 # Which host functions need which capability (static check at install).
@@ -284,7 +287,7 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
     )
     d_fuel = _uint(defaults_raw.get("fuel", base.fuel), 1000, 10**12, "policy.limits", source, "defaults.fuel")
     d_stack = _uint(
-        defaults_raw.get("stack", base.stack), 16 * 1024, 64 * 1024 * 1024, "policy.limits", source, "defaults.stack"
+        defaults_raw.get("stack", base.stack), 16 * 1024, MAX_STACK, "policy.limits", source, "defaults.stack"
     )
     d_storage = _uint(defaults_raw.get("storage", 0), 0, 1 << 32, "policy.limits", source, "defaults.storage")
     d_deadline = _uint(
@@ -375,7 +378,7 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
             ),
             fuel=_uint(spec.get("fuel", d_fuel), 1000, 10**12, "policy.limits", source, f"{key}.fuel"),
             stack=_uint(
-                spec.get("stack", d_stack), 16 * 1024, 64 * 1024 * 1024, "policy.limits", source, f"{key}.stack"
+                spec.get("stack", d_stack), 16 * 1024, MAX_STACK, "policy.limits", source, f"{key}.stack"
             ),
             restart=_restart(spec.get("restart", {}), d_restart, source, f"{key}.restart"),
             deadline_ms=_uint(
