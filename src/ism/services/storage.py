@@ -187,6 +187,16 @@ succeed). A slot write needs no directory sync because it neither creates
 nor renames a file. The CPU cost of a write is O(1) in the records of the
 store (the digest update) plus O(namespaces) for the root, which lists every
 namespace's erase nonce; the quota check sums the written namespace.
+
+A read makes every check, every time: one select by owner and uid that
+finds the row only if its version, flags and size are its index entry's, the
+row's nonce, tag and body against the entry (lengths, then SHA-256 against
+the entry's digest), and one AES-GCM decryption (or tag check) through the
+key store under associated data rebuilt from the entry. Nothing about a
+record is cached between reads; what is cached is fixed per namespace (the
+owner's database spelling and key id) or lives in the key store (the
+software key store keeps an ``AESGCM`` object per loaded key and drops it
+when the key is destroyed or replaced).
 """
 
 from __future__ import annotations
@@ -195,6 +205,7 @@ import hashlib
 import hmac
 import os
 import sqlite3
+import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,6 +250,13 @@ _SLOT_LEN: Final = 4
 _ERASE_NONCE_SIZE: Final = 16
 _GCM_NONCE_SIZE: Final = 12
 _GCM_TAG_SIZE: Final = 16
+_AAD_PREFIX: Final = _LABEL + b" record"
+#: the associated data's fields after the owner: uid, version, flags, size
+_AAD_FIELDS: Final = struct.Struct(">QQII")
+#: a record's row, found only if its version, flags and size are the index entry's
+_SELECT_RECORD: Final = (
+    "SELECT nonce, tag, body FROM records WHERE owner = ? AND uid = ? AND version = ? AND flags = ? AND size = ?"
+)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS records (
@@ -409,7 +427,11 @@ class SecureStorage:
         self._seq = 0
         self._slot_size = _SLOT_ALIGN
         self._acc = self._count = 0
+        #: per namespace: the owner as the database spells it, and its key id (see :meth:`_names`)
+        self._owner_names: dict[bytes, tuple[str, str]] = {}
         self._db: sqlite3.Connection | None = self._connect()
+        #: the cursor ``get`` reads with (one, rather than a new one per read)
+        self._reader = self._db.cursor()
         try:
             self._generation, self._committed, self._index = self._recover()
         except BaseException:
@@ -685,7 +707,7 @@ class SecureStorage:
         version = self._generation + 1
         nonce = os.urandom(_GCM_NONCE_SIZE)
         aad = _aad(ob, uid, version, flags, len(data))
-        key_id = _key_id(owner)
+        text, key_id = self._names(ob)
         if flags & NO_CONFIDENTIALITY:
             body, tag = data, self._keystore.encrypt(key_id, nonce, b"", aad + data)
         else:
@@ -698,7 +720,7 @@ class SecureStorage:
         if not flags & NO_REPLAY_PROTECTION:
             acc, count = acc ^ self._macs.record(ob, uid, entry), count + 1
         nonces = {**self._committed.nonces, ob: erase_nonce}
-        row = (str(owner), _uid_bytes(uid), version, flags, len(data), nonce, tag, body, entry.digest)
+        row = (text, _uid_bytes(uid), version, flags, len(data), nonce, tag, body, entry.digest)
 
         def landed() -> None:
             self._index.setdefault(ob, {})[uid] = entry
@@ -720,41 +742,45 @@ class SecureStorage:
             UsageError: ``storage.uid``, ``storage.missing``, ``storage.range``.
             SignatureError: ``storage.integrity`` for any tampered, moved, replaced or undecryptable record.
         """
-        db = self._conn()
+        self._conn()
         ob = _owner(owner)
         entry = self._entry(ob, uid)
-        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= entry.size:
-            raise UsageError("storage.range", "offset outside the record", got=offset, expected=f"0..{entry.size}")
+        size = entry.size
+        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= size:
+            raise UsageError("storage.range", "offset outside the record", got=offset, expected=f"0..{size}")
         if length is None:
-            end = entry.size
+            end = size
         elif isinstance(length, int) and not isinstance(length, bool) and length >= 0:
             end = offset + length
         else:
             end = -1
-        if not offset <= end <= entry.size:
+        if not offset <= end <= size:
             raise UsageError(
-                "storage.range", "length runs outside the record", got=length, expected=f"0..{entry.size - offset}"
+                "storage.range", "length runs outside the record", got=length, expected=f"0..{size - offset}"
             )
+        text, key_id = self._names(ob)
         try:
-            row = db.execute(
-                "SELECT version, flags, size, nonce, tag, body FROM records WHERE owner = ? AND uid = ?",
-                (str(owner), _uid_bytes(uid)),
-            ).fetchone()
+            # fetchall: the statement runs to its end, so the reused cursor holds no read transaction open
+            rows = self._reader.execute(
+                _SELECT_RECORD, (text, _uid_bytes(uid), entry.version, entry.flags, size)
+            ).fetchall()
         except sqlite3.Error as exc:
             raise PlatformError("storage.read", f"cannot read the storage: {exc}") from exc
-        if row is None or not _row_matches(row, entry):
+        if len(rows) != 1:
             raise _integrity(owner, uid)
-        _, flags, size, nonce, tag, body = row
-        aad = _aad(ob, uid, entry.version, flags, size)
+        ((nonce, tag, body),) = rows
+        if not _row_matches(nonce, tag, body, entry):
+            raise _integrity(owner, uid)
+        aad = _aad(ob, uid, entry.version, entry.flags, size)
         try:
-            if flags & NO_CONFIDENTIALITY:
-                self._keystore.decrypt(_key_id(owner), nonce, tag, aad + body)
+            if entry.flags & NO_CONFIDENTIALITY:
+                self._keystore.decrypt(key_id, nonce, tag, aad + body)
                 data = bytes(body)
             else:
-                data = self._keystore.decrypt(_key_id(owner), nonce, body + tag, aad)
+                data = self._keystore.decrypt(key_id, nonce, body + tag, aad)
         except IsmError:
             raise _integrity(owner, uid) from None
-        if len(data) != entry.size:
+        if len(data) != size:
             raise _integrity(owner, uid)
         return data[offset:end]
 
@@ -860,11 +886,22 @@ class SecureStorage:
         return self._db
 
     def _entry(self, ob: bytes, uid: int) -> _Entry:
-        _check_uid(uid)
-        entry = self._index.get(ob, {}).get(uid)
+        # An int found in the index is a valid uid (the index holds no other): it is checked when not found.
+        entry = self._index.get(ob, {}).get(uid) if type(uid) is int else None
         if entry is None:
-            raise UsageError("storage.missing", "no such record", subject=f"{uuid.UUID(bytes=ob)}/{uid}")
+            _check_uid(uid)
+            entry = self._index.get(ob, {}).get(uid)
+            if entry is None:
+                raise UsageError("storage.missing", "no such record", subject=f"{uuid.UUID(bytes=ob)}/{uid}")
         return entry
+
+    def _names(self, ob: bytes) -> tuple[str, str]:
+        """The owner as the database's ``owner`` column spells it, and its namespace key id (made once)."""
+        names = self._owner_names.get(ob)
+        if names is None:
+            owner = uuid.UUID(bytes=ob)
+            names = self._owner_names[ob] = (str(owner), _key_id(owner))
+        return names
 
     def _prepare_key(self, owner: uuid.UUID) -> bytes:
         """Makes sure the namespace key exists; returns the namespace's erase nonce."""
@@ -979,33 +1016,23 @@ def _key_id(owner: uuid.UUID) -> str:
 
 
 def _aad(ob: bytes, uid: int, version: int, flags: int, size: int) -> bytes:
-    return (
-        _LABEL
-        + b" record"
-        + ob
-        + uid.to_bytes(8, "big")
-        + version.to_bytes(8, "big")
-        + flags.to_bytes(4, "big")
-        + size.to_bytes(4, "big")
-    )
+    """``"ism-storage-v1 record" || owner || uid (8) || version (8) || flags (4) || size (4)``, big-endian."""
+    return _AAD_PREFIX + ob + _AAD_FIELDS.pack(uid, version, flags, size)
 
 
 def _row_digest(nonce: bytes, body: bytes, tag: bytes) -> bytes:
     return hashlib.sha256(nonce + body + tag).digest()
 
 
-def _row_matches(row: tuple[Any, ...], entry: _Entry) -> bool:
-    version, flags, size, nonce, tag, body = row
+def _row_matches(nonce: Any, tag: Any, body: Any, entry: _Entry) -> bool:
+    """A row's nonce, tag and body against its index entry (its version, flags and size: :data:`_SELECT_RECORD`)."""
     return (
-        version == entry.version
-        and flags == entry.flags
-        and size == entry.size
-        and isinstance(nonce, bytes)
+        type(nonce) is bytes
         and len(nonce) == _GCM_NONCE_SIZE
-        and isinstance(tag, bytes)
+        and type(tag) is bytes
         and len(tag) == _GCM_TAG_SIZE
-        and isinstance(body, bytes)
-        and len(body) == size
+        and type(body) is bytes
+        and len(body) == entry.size
         and hmac.compare_digest(_row_digest(nonce, body, tag), entry.digest)
     )
 

@@ -8,10 +8,13 @@ Must not import: device or anything above (the device supplies the files).
 Threat: a key file read or altered on disk. Key material is stored only
 encrypted under the root key; a blob moved to another key id, altered or
 truncated fails its tag and is refused (``keystore.integrity``); nothing in
-the interface returns private material. On a virtual device the root key
-itself is a file in the device directory (0600): this backend protects
-against reading the key files alone, not against reading the whole
-directory — that is what the ``pkcs11`` backend is for.
+the interface returns private material. A key is unsealed once and kept in
+memory (an ``aes-256`` key with its ``AESGCM`` object) until it is replaced
+or destroyed: both drop it, so nothing encrypts or decrypts with a destroyed
+key. On a virtual device the root key itself is a file in the device
+directory (0600): this backend protects against reading the key files alone,
+not against reading the whole directory — that is what the ``pkcs11``
+backend is for.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -67,6 +70,17 @@ def _raw_signature(der: bytes) -> bytes:
     return r_int.to_bytes(32, "big") + s_int.to_bytes(32, "big")
 
 
+class _Loaded(NamedTuple):
+    """An unsealed key in the cache (dropped whenever the key is replaced or destroyed)."""
+
+    key_type: KeyType
+    material: bytes
+    #: an ``ecc-p256`` key's private key object
+    private: ec.EllipticCurvePrivateKey | None
+    #: an ``aes-256`` key's AES-GCM object, made once per load rather than for every encryption
+    aead: AESGCM | None
+
+
 class KeyFiles(Protocol):
     """Where sealed key blobs live (the device supplies an atomic, crash-safe implementation)."""
 
@@ -103,7 +117,7 @@ class SoftwareKeyStore:
             raise UsageError("keystore.root-key", "the root key must be 32 bytes")
         self._files = files
         self._root = AESGCM(root_key)
-        self._cache: dict[str, tuple[KeyType, bytes, ec.EllipticCurvePrivateKey | None]] = {}
+        self._cache: dict[str, _Loaded] = {}
 
     # -- sealing --------------------------------------------------------------------------------
 
@@ -116,7 +130,7 @@ class SoftwareKeyStore:
         self._files.write(key_id, nonce + self._root.encrypt(nonce, body, b"ism-key:" + key_id.encode()))
         self._cache.pop(key_id, None)
 
-    def _load(self, key_id: str) -> tuple[KeyType, bytes, ec.EllipticCurvePrivateKey | None]:
+    def _load(self, key_id: str) -> _Loaded:
         cached = self._cache.get(check_key_id(key_id))
         if cached is not None:
             return cached
@@ -143,17 +157,31 @@ class SoftwareKeyStore:
             if not isinstance(loaded, ec.EllipticCurvePrivateKey):
                 raise StateCorruptError("keystore.integrity", "a sealed key is malformed", subject=key_id)
             private = loaded
-        entry = (key_type, material, private)
+        entry = _Loaded(key_type, material, private, AESGCM(material) if key_type == "aes-256" else None)
         self._cache[key_id] = entry
         return entry
 
     def _typed(self, key_id: str, *types: KeyType) -> tuple[bytes, ec.EllipticCurvePrivateKey | None]:
-        key_type, material, private = self._load(key_id)
+        key_type, material, private, _ = self._load(key_id)
         if key_type not in types:
             raise UsageError(
                 "keystore.key-type", f"operation needs a {'/'.join(types)} key", subject=key_id, got=key_type
             )
         return material, private
+
+    def _aesgcm(self, key_id: str) -> AESGCM:
+        """The AES-GCM object of the ``aes-256`` key ``key_id``.
+
+        A key id in the cache was checked when it was loaded, and its entry (the object with it) is
+        dropped when the key is replaced or destroyed; anything else (first use, a wrong type, a bad
+        id, a destroyed key) takes the checked path and its errors.
+        """
+        entry = self._cache.get(key_id) if type(key_id) is str else None
+        if entry is None or entry.aead is None:
+            self._typed(key_id, "aes-256")
+            entry = self._cache[key_id]
+        assert entry.aead is not None
+        return entry.aead
 
     # -- the KeyStore interface -------------------------------------------------------------------
 
@@ -214,15 +242,15 @@ class SoftwareKeyStore:
             raise SignatureError("keystore.signature", "signature does not verify") from None
 
     def encrypt(self, key_id: str, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        material, _ = self._typed(key_id, "aes-256")
+        aead = self._aesgcm(key_id)
         if len(nonce) != 12:
             raise UsageError("keystore.nonce", "AES-GCM nonces are 12 bytes")
-        return AESGCM(material).encrypt(nonce, plaintext, aad)
+        return aead.encrypt(nonce, plaintext, aad)
 
     def decrypt(self, key_id: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-        material, _ = self._typed(key_id, "aes-256")
+        aead = self._aesgcm(key_id)
         try:
-            return AESGCM(material).decrypt(nonce, ciphertext, aad)
+            return aead.decrypt(nonce, ciphertext, aad)
         except (InvalidTag, ValueError):
             raise SignatureError("keystore.decrypt", "decryption failed") from None
 
