@@ -377,9 +377,7 @@ def parse_policy(text: str, board: Board, source: str = "policy.toml") -> Policy
                 spec.get("memory_pages", d_pages), 1, 65536, "policy.limits", source, f"{key}.memory_pages"
             ),
             fuel=_uint(spec.get("fuel", d_fuel), 1000, 10**12, "policy.limits", source, f"{key}.fuel"),
-            stack=_uint(
-                spec.get("stack", d_stack), 16 * 1024, MAX_STACK, "policy.limits", source, f"{key}.stack"
-            ),
+            stack=_uint(spec.get("stack", d_stack), 16 * 1024, MAX_STACK, "policy.limits", source, f"{key}.stack"),
             restart=_restart(spec.get("restart", {}), d_restart, source, f"{key}.restart"),
             deadline_ms=_uint(
                 spec.get("deadline_ms", d_deadline), 10, 3_600_000, "policy.limits", source, f"{key}.deadline_ms"
