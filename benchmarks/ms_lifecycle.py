@@ -56,7 +56,7 @@ def main() -> int:
         states = MicroserviceStates(device)
         ids = [uuidlib.uuid5(uuidlib.NAMESPACE_OID, f"ms-{i}") for i in range(N_SERVICES)]
         for ms in ids:
-            states.installed(ms)
+            states.installed(ms, hashlib.sha256(b"developer").digest())  # bound to one signer ID, as installs do
         target = ids[0]
         state_file = device.root / "state" / "microservices.cose"
         counters_file = device.root / "state" / "rollback.cose"
