@@ -13,6 +13,7 @@ from ism.errors import FormatError
 from ism.formats import wasm
 from ism.formats.board import Board, Resource, parse_board
 from ism.formats.policy import (
+    MAX_STACK,
     KeyGrant,
     MicroservicePolicy,
     Policy,
@@ -21,6 +22,7 @@ from ism.formats.policy import (
     check_modules,
     parse_policy,
 )
+from ism.hypervisor.sandbox import engine_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fingerprint-token"
 BOARD_TEXT = (EXAMPLE / "board.toml").read_text()
@@ -620,7 +622,4 @@ def test_bad_key_grants_are_refused(board: Board, grant: str) -> None:
 
 def test_the_largest_stack_a_policy_grants_makes_an_engine() -> None:
     """The policy's stack bound is one the engine accepts (a larger one aborts the whole process)."""
-    from ism.formats.policy import MAX_STACK
-    from ism.hypervisor.sandbox import engine_for
-
     assert isinstance(engine_for(MAX_STACK), wasmtime.Engine)

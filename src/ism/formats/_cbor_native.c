@@ -1337,6 +1337,38 @@ entry_ties(const Rule *r, PyObject *key, PyObject *value, PyObject *seen)
     return CHECK_OK;
 }
 
+/* Puts a built item at index at of a tuple of n (or drops it if the container grew meanwhile). */
+static void
+put_built(PyObject *tuple, Py_ssize_t at, Py_ssize_t n, PyObject *built)
+{
+    if (at < n) {
+        PyTuple_SET_ITEM(tuple, at, built);
+    }
+    else {
+        Py_DECREF(built);
+    }
+}
+
+/* Hands a built tuple to *out if the walk succeeded and filled it (complete), else drops it. */
+static Py_ssize_t
+finish_tuple(PyObject *tuple, Py_ssize_t result, int complete, PyObject **out)
+{
+    if (tuple == NULL) {
+        return result;
+    }
+    if (result == CHECK_OK && !complete) {
+        PyErr_SetString(PyExc_RuntimeError, "a container changed while it was built");
+        result = CHECK_ERROR;
+    }
+    if (result == CHECK_OK) {
+        *out = tuple;
+    }
+    else {
+        Py_DECREF(tuple);
+    }
+    return result;
+}
+
 static Py_ssize_t
 walk_mapof(const Rule *r, PyObject *v, PyObject **out)
 {
@@ -1371,29 +1403,11 @@ walk_mapof(const Rule *r, PyObject *v, PyObject **out)
         Py_DECREF(key);
         Py_DECREF(value);
         if (built != NULL) {
-            if (at < n) {
-                PyTuple_SET_ITEM(tuple, at, built);
-            }
-            else {
-                Py_DECREF(built);
-            }
-            at++;
+            put_built(tuple, at++, n, built);
         }
     }
     Py_XDECREF(seen);
-    if (tuple != NULL) {
-        if (result == CHECK_OK && at != n) {
-            PyErr_SetString(PyExc_RuntimeError, "the map changed while it was built");
-            result = CHECK_ERROR;
-        }
-        if (result == CHECK_OK) {
-            *out = tuple;
-        }
-        else {
-            Py_DECREF(tuple);
-        }
-    }
-    return result;
+    return finish_tuple(tuple, result, at == n, out);
 }
 
 static Py_ssize_t
@@ -1417,27 +1431,10 @@ walk_array(const Rule *r, PyObject *v, PyObject **out)
         result = walk(r->item, item, tuple != NULL ? &built : NULL);
         Py_DECREF(item);
         if (built != NULL) {
-            if (i < n) {
-                PyTuple_SET_ITEM(tuple, i, built);
-            }
-            else {
-                Py_DECREF(built);
-            }
+            put_built(tuple, i, n, built);
         }
     }
-    if (tuple != NULL) {
-        if (result == CHECK_OK && PyList_GET_SIZE(v) != n) {
-            PyErr_SetString(PyExc_RuntimeError, "the list changed while it was built");
-            result = CHECK_ERROR;
-        }
-        if (result == CHECK_OK) {
-            *out = tuple;
-        }
-        else {
-            Py_DECREF(tuple);
-        }
-    }
-    return result;
+    return finish_tuple(tuple, result, PyList_GET_SIZE(v) == n, out);
 }
 
 /* Checks v against r: CHECK_OK, the index of the broken rule, or CHECK_ERROR (an exception is set).
